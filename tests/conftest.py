@@ -1,0 +1,105 @@
+"""Shared fixtures: a tiny Stable Diffusion pipeline built in code, with the real CLIP tokenizer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from clip_vocab import write_clip_tokenizer  # noqa: E402
+
+TINY_DIM = 32  # text hidden size = UNet cross-attention dim
+
+
+def build_tiny_pipeline(tokenizer_dir: Path, prediction_type: str = "epsilon", seed: int = 0):
+    """A random-weight SD-1.x-shaped pipeline small enough to run in milliseconds on a CPU."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_DIM,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_size=TINY_DIM,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=49408,
+        max_position_embeddings=77,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir(tmp_path_factory) -> Path:
+    return write_clip_tokenizer(tmp_path_factory.mktemp("clip-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, clip_tokenizer_dir) -> Path:
+    """A tiny SD pipeline saved as a diffusers folder (epsilon prediction)."""
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_pipeline(clip_tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model_dir(tmp_path_factory, clip_tokenizer_dir) -> Path:
+    """The same tiny pipeline with v-prediction (as Stable Diffusion 2.x)."""
+    folder = tmp_path_factory.mktemp("tiny-sd-v")
+    build_tiny_pipeline(clip_tokenizer_dir, prediction_type="v_prediction").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny_pipe(clip_tokenizer_dir):
+    """A fresh in-memory tiny pipeline (tests may mutate it)."""
+    return build_tiny_pipeline(clip_tokenizer_dir)
