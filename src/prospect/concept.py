@@ -1,0 +1,351 @@
+"""A learned ProSpect concept: one token embedding per denoising stage, its file format and exporters.
+
+Stage k covers the k-th slice of the training timesteps, so stage 0 holds the smallest timesteps
+(the last denoising steps) and stage N-1 the largest (the first steps of generation).
+
+File format (``Concept.save``): a safetensors file with one float32 tensor ``"embeddings"`` of shape
+[num_stages, dim] and string metadata ``format="prospect-concept"``, ``format_version``,
+``num_stages``, ``dim``, ``num_train_timesteps``, ``placeholder``, ``initializer``, ``base_model``.
+Pickle-based files (.pt/.bin/.ckpt) are refused: unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import safetensors.torch
+import torch
+
+from .stages import stage_bounds
+
+FORMAT = "prospect-concept"
+FORMAT_VERSION = 1
+_MAX_FILE_BYTES = 256 * 2**20  # embedding files are kilobytes; refuse to read whole checkpoints
+_STAGE_ORDER = (
+    "stage 0 = smallest timesteps (last denoising steps), stage N-1 = largest (first steps); "
+    "timesteps are [lo, hi)"
+)
+_A1111_MAX_STEPS = 150  # the A1111 UI's step limit; fraction strings are exact up to it
+
+
+class ConceptError(ValueError):
+    """A concept file, placeholder or model does not fit."""
+
+
+def _check_placeholder(placeholder: str) -> str:
+    """Return the placeholder if usable as part of a single added token, else raise."""
+    if not isinstance(placeholder, str) or not placeholder.strip():
+        raise ConceptError(f"placeholder must be a non-empty word, got {placeholder!r}")
+    if any(ch.isspace() for ch in placeholder):
+        raise ConceptError(f"placeholder must not contain whitespace, got {placeholder!r}")
+    return placeholder
+
+
+def stage_token(placeholder: str, stage: int) -> str:
+    """The added-token string for one stage: ``<{placeholder}:s{stage}>``, lower-cased.
+
+    ``*`` -> ``<*:s3>``, ``<teddy>`` -> ``<<teddy>:s3>``. The angle brackets and ``:s`` suffix make
+    it something nobody types by accident; the closing ``>`` keeps ``<*:s1>`` from being a prefix
+    of ``<*:s10>``. It is lower-cased (after NFC) because CLIP lower-cases prompts before matching
+    added tokens, so ``Teddy`` and ``teddy`` name the same tokens.
+    """
+    _check_placeholder(placeholder)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage < 0:
+        raise ConceptError(f"stage must be a non-negative integer, got {stage!r}")
+    return f"<{unicodedata.normalize('NFC', placeholder).lower()}:s{stage}>"
+
+
+@dataclass
+class Concept:
+    """N per-stage token embeddings learned for one placeholder."""
+
+    placeholder: str = "*"
+    embeddings: torch.Tensor = None  # [num_stages, dim]; required, None only to allow keyword use
+    num_train_timesteps: int = 1000
+    initializer: str = ""
+    base_model: str = ""
+    format_version: ClassVar[int] = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        """Validate fields and store the embeddings as a detached float32 CPU tensor."""
+        _check_placeholder(self.placeholder)
+        emb = self.embeddings
+        if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or 0 in emb.shape:
+            shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+            raise ConceptError(f"embeddings must be a non-empty [num_stages, dim] tensor, got {shape}")
+        if not emb.is_floating_point() or not torch.isfinite(emb).all():
+            raise ConceptError("embeddings must be finite floating-point values")
+        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < emb.shape[0]:
+            raise ConceptError(
+                f"num_train_timesteps {self.num_train_timesteps!r} must be an int >= num_stages {emb.shape[0]}"
+            )
+        self.embeddings = emb.detach().to("cpu", torch.float32).contiguous().clone()
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages N."""
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Text embedding width."""
+        return self.embeddings.shape[1]
+
+    def token(self, stage: int) -> str:
+        """The added token for one stage."""
+        if not 0 <= stage < self.num_stages:
+            raise ConceptError(f"stage {stage} out of range for a {self.num_stages}-stage concept")
+        return stage_token(self.placeholder, stage)
+
+    def tokens(self) -> list[str]:
+        """All stage tokens, stage 0 first."""
+        return [self.token(k) for k in range(self.num_stages)]
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata written by ``save``."""
+        return {
+            "format": FORMAT, "format_version": str(FORMAT_VERSION), "num_stages": str(self.num_stages),
+            "dim": str(self.dim), "num_train_timesteps": str(self.num_train_timesteps),
+            "placeholder": self.placeholder, "initializer": self.initializer, "base_model": self.base_model,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the concept atomically as safetensors; returns the path."""
+        data = safetensors.torch.save({"embeddings": self.embeddings}, metadata=self.metadata())
+        return _atomic_write(Path(path), data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Concept:
+        """Read a concept saved by ``save``, validating format, metadata and shapes."""
+        tensors, meta = _read_safetensors(Path(path))
+        if meta.get("format") != FORMAT:
+            raise ConceptError(f"{path} is not a ProSpect concept file (format {meta.get('format')!r})")
+        version = _meta_int(meta, "format_version", path)
+        if version > FORMAT_VERSION:
+            raise ConceptError(f"{path} has format version {version}; this prospect reads up to {FORMAT_VERSION}")
+        if set(tensors) != {"embeddings"}:
+            raise ConceptError(f"{path} must hold exactly one tensor 'embeddings', found {sorted(tensors)}")
+        emb = tensors["embeddings"]
+        expected = (_meta_int(meta, "num_stages", path), _meta_int(meta, "dim", path))
+        if tuple(emb.shape) != expected:
+            raise ConceptError(f"{path}: embeddings shape {tuple(emb.shape)} does not match metadata {expected}")
+        return cls(
+            placeholder=meta.get("placeholder", ""), embeddings=emb,
+            num_train_timesteps=_meta_int(meta, "num_train_timesteps", path),
+            initializer=meta.get("initializer", ""), base_model=meta.get("base_model", ""),
+        )
+
+    @classmethod
+    def from_textual_inversion(
+        cls, path: str | os.PathLike, num_stages: int = 10, placeholder: str | None = None
+    ) -> Concept:
+        """Import a diffusers or A1111 textual-inversion safetensors file as a concept.
+
+        One vector is repeated in every stage; ``num_stages`` vectors become one per stage. The
+        placeholder defaults to the diffusers token (e.g. ``<cat-toy>``) or the A1111 file stem.
+        """
+        path = Path(path)
+        tensors, _ = _read_safetensors(path)
+        if "emb_params" in tensors:  # A1111 / kohya safetensors layout
+            name, vectors = path.stem, tensors["emb_params"]
+        elif len(tensors) == 1:  # diffusers layout: {token: tensor}
+            name, vectors = next(iter(tensors.items()))
+        else:
+            raise ConceptError(f"{path}: not a single-encoder textual inversion (tensors {sorted(tensors)})")
+        vectors = vectors.reshape(1, -1) if vectors.ndim == 1 else vectors
+        if vectors.ndim != 2 or len(vectors) not in (1, num_stages):
+            raise ConceptError(f"{path}: {tuple(vectors.shape)} vectors; expected 1 or num_stages={num_stages}")
+        return cls(placeholder=placeholder or name, embeddings=vectors.expand(num_stages, -1))
+
+
+def _meta_int(meta: dict[str, str], key: str, path) -> int:
+    """A required integer metadata field."""
+    try:
+        return int(meta[key])
+    except (KeyError, ValueError):
+        raise ConceptError(f"{path}: metadata field {key!r} missing or not an integer") from None
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    """Write bytes via a temp file in the same directory + os.replace, so readers never see a partial file."""
+    if not path.parent.is_dir():
+        raise ConceptError(f"cannot write {path}: directory {path.parent} does not exist")
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the bytes do
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; concepts are meant to be shared
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise ConceptError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file after checking its magic bytes; never unpickles anything."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+            kind = _sniff(head, size)
+            if kind:
+                raise ConceptError(f"{path} is a {kind}; refusing to unpickle it (only safetensors files are read)")
+            if size > _MAX_FILE_BYTES:
+                raise ConceptError(f"{path} is {size} bytes, too large for an embedding file")
+            data = head + f.read()
+    except OSError as e:
+        raise ConceptError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # noqa: BLE001 - any parse failure means a damaged file
+        raise ConceptError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+    meta = header.get("__metadata__") or {}
+    return tensors, meta
+
+
+def _sniff(head: bytes, size: int) -> str:
+    """Name a pickle-based format from its first bytes, or '' if it may be safetensors."""
+    # safetensors: u64 little-endian header length, then a JSON object; checked first because a
+    # header length of 128 (+256k) also starts with byte 0x80, pickle's PROTO opcode.
+    if len(head) == 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= size:
+        return ""
+    if head.startswith(b"PK\x03\x04"):
+        return "zip archive (PyTorch .pt/.bin/.ckpt checkpoint with pickled data)"
+    # Protocol 2+ pickles open with PROTO (0x80); protocol 0/1 with MARK, EMPTY_DICT/LIST or GLOBAL.
+    if head[:1] in (b"\x80", b"(", b"}", b"]", b"c"):
+        return "pickle file (legacy PyTorch checkpoint)"
+    return ""
+
+
+def add_concept(tokenizer, text_encoder, concept: Concept) -> list[int]:
+    """Add (or overwrite) the concept's stage tokens and embedding rows; returns ids in stage order."""
+    weight = text_encoder.get_input_embeddings().weight
+    if weight.shape[1] != concept.dim:
+        raise ConceptError(
+            f"concept dim {concept.dim} does not match the model's text embedding dim {weight.shape[1]} "
+            f"(concept was learned on {concept.base_model or 'an unknown model'})"
+        )
+    tokens = concept.tokens()
+    vocab = tokenizer.get_vocab()
+    tokenizer.add_tokens([t for t in tokens if t not in vocab])
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    for tok, tid in zip(tokens, ids):
+        # Guards against a tokenizer that splits or normalises the token differently than expected.
+        if tokenizer(tok, add_special_tokens=False).input_ids != [tid]:
+            raise ConceptError(f"stage token {tok!r} does not tokenize to a single token with this tokenizer")
+    if max(ids) >= weight.shape[0]:
+        # mean_resizing=False: the new rows are overwritten below, so skip the covariance pass.
+        size = max(len(tokenizer), max(ids) + 1)
+        text_encoder.resize_token_embeddings(size, pad_to_multiple_of=None, mean_resizing=False)
+        weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[torch.tensor(ids)] = concept.embeddings.to(weight.device, weight.dtype)
+    return ids
+
+
+def init_embeddings(tokenizer, text_encoder, initializer: str, num_stages: int) -> torch.Tensor:
+    """Initial [num_stages, dim] rows: the initializer's embedding, or the mean over its tokens if several."""
+    if num_stages < 1:
+        raise ConceptError(f"num_stages must be >= 1, got {num_stages}")
+    ids = tokenizer(initializer or "", add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids)
+    if not ids or any(i in special for i in ids):
+        raise ConceptError(f"initializer {initializer!r} does not tokenize to any ordinary token")
+    weight = text_encoder.get_input_embeddings().weight
+    row = weight.detach()[torch.tensor(ids)].float().mean(0)  # multi-token words: average their meaning
+    return row.cpu().expand(num_stages, -1).clone()
+
+
+def _file_stem(concept: Concept, name: str | None) -> str:
+    """A filesystem- and A1111-prompt-safe name: given name, else the placeholder's word characters."""
+    stem = name if name is not None else re.sub(r"[^a-z0-9_-]+", "", concept.placeholder.lower()) or "prospect"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", stem):
+        raise ConceptError(f"export name must be letters, digits, '_' or '-', got {stem!r}")
+    return stem
+
+
+def _write_note(folder: Path, filename: str, note: dict) -> None:
+    """Write the JSON note that explains stage order next to exported files."""
+    _atomic_write(folder / filename, (json.dumps(note, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def _stage_notes(concept: Concept, names: list[str]) -> list[dict]:
+    """Per-stage entries with the half-open training-timestep range [lo, hi) each stage covers."""
+    n, t = concept.num_stages, concept.num_train_timesteps
+    return [{"stage": k, "name": names[k], "timesteps": list(stage_bounds(k, n, t))} for k in range(n)]
+
+
+def export_diffusers(concept: Concept, folder: str | os.PathLike) -> list[Path]:
+    """Write ``learned_embeds-s<k>.safetensors`` = {stage token: [1, dim]} per stage, for ``load_textual_inversion``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"learned_embeds-s{k}.safetensors" for k in range(concept.num_stages)]
+    for k, path in enumerate(paths):
+        _atomic_write(path, safetensors.torch.save({concept.token(k): concept.embeddings[k : k + 1].clone()}))
+    _write_note(folder, "prospect_diffusers.json", {
+        "format": "prospect-diffusers-export", "placeholder": concept.placeholder, "base_model": concept.base_model,
+        "stage_order": _STAGE_ORDER,
+        "usage": "pipe.load_textual_inversion(file) for each file, then use the token of the current stage",
+        "stages": [dict(e, file=p.name) for e, p in zip(_stage_notes(concept, concept.tokens()), paths)],
+    })
+    return paths
+
+
+def a1111_schedule(names: list[str], num_inference_steps: int | None = None) -> str:
+    """Nested A1111 prompt editing ``[[a:b:w1]:c:w2]`` running names[-1] first and names[0] last."""
+    order = names[::-1]  # generation runs from the largest timesteps (last stage) to stage 0
+    n, prompt = len(order), order[0]
+    if num_inference_steps is not None and num_inference_steps < 1:
+        raise ConceptError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    digits = len(str(_A1111_MAX_STEPS * n))
+    for i in range(1, n):
+        if num_inference_steps is not None:
+            when = str(i * num_inference_steps // n)  # integer = last step (1-based) of the earlier part
+        else:
+            # A1111 floors float(when) * steps; rounding up by < 1/(150 n) survives float error and
+            # still lands on floor(i * steps / n) for every step count up to 150.
+            when = f"{(i * 10**digits // n + 1) / 10**digits:.{digits}f}"
+        prompt = f"[{prompt}:{order[i]}:{when}]"
+    return prompt
+
+
+def export_a1111(
+    concept: Concept, folder: str | os.PathLike, num_inference_steps: int | None = None, name: str | None = None
+) -> tuple[list[Path], str]:
+    """Write A1111 embeddings ``<name>-s<k>.safetensors`` = {"emb_params": [1, dim]} and return a scheduling prompt.
+
+    A1111 names an embedding after its file stem. The returned prompt uses nested prompt editing
+    ``[from:to:when]`` so stage N-1 is active for the first 1/N of the steps, ..., stage 0 last;
+    put it where the placeholder would go. Without ``num_inference_steps`` the switch points are
+    fractions of the step count, otherwise exact step numbers for that count.
+    """
+    stem, folder = _file_stem(concept, name), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"{stem}-s{k}" for k in range(concept.num_stages)]
+    paths = [folder / f"{n}.safetensors" for n in names]
+    for k, path in enumerate(paths):
+        _atomic_write(path, safetensors.torch.save({"emb_params": concept.embeddings[k : k + 1].clone()}))
+    prompt = a1111_schedule(names, num_inference_steps)
+    _write_note(folder, f"{stem}-prospect_a1111.json", {
+        "format": "prospect-a1111-export", "placeholder": concept.placeholder, "base_model": concept.base_model,
+        "stage_order": _STAGE_ORDER,
+        "prompt": prompt, "num_inference_steps": num_inference_steps, "stages": _stage_notes(concept, names),
+    })
+    return paths, prompt
