@@ -1,0 +1,206 @@
+"""Prompt-spectrum generation: a different prompt per denoising stage, txt2img and img2img.
+
+Implements the sampling side of ProSpect (Zhang et al., 2023): stage ``stage(t)`` of the
+timestep being evaluated picks that stage's conditioning. Every stage prompt is encoded once
+per call; the denoising loop reuses the stock diffusers pipelines' own helpers (latent
+preparation, scheduler handling, decoding), so with one prompt in every stage the output
+equals ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` for the same seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL import Image
+
+from .concept import Concept, add_concept
+from .spectrum import build_spectrum
+from .stages import StageMap
+
+
+@dataclass
+class GenerationResult:
+    """What one call produced: the images and the per-stage texts that made them."""
+
+    images: list[Image.Image]  # num_prompts * num_images_per_prompt images, prompt-major
+    stage_prompts: list[list[str]]  # per prompt, the N stage texts (index = stage)
+    timesteps: list[int]  # the timesteps that were denoised, in order
+    stages: list[int]  # the stage used at each of those timesteps
+    parameters: dict = field(default_factory=dict)  # the call's settings, for PNG metadata
+
+
+class ProSpectPipeline:
+    """A Stable Diffusion pipeline that conditions each denoising stage on its own prompt."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, num_stages: int = 10):
+        self.pipe = pipe
+        self.img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+        self.concepts: dict[str, Concept] = {}
+        self.stage_map = StageMap(num_stages, pipe.scheduler.config.num_train_timesteps)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path | None = None, num_stages: int = 10, **kwargs) -> "ProSpectPipeline":
+        """Load a local model (diffusers folder, single file, or None for the embedded default)."""
+        from .models import load_pipeline
+
+        return cls(load_pipeline(model, **kwargs), num_stages=num_stages)
+
+    def to(self, *args, **kwargs) -> "ProSpectPipeline":
+        self.pipe.to(*args, **kwargs)
+        return self
+
+    @property
+    def num_stages(self) -> int:
+        return self.stage_map.num_stages
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.device
+
+    def load_concept(self, concept: Concept | str | Path) -> Concept:
+        """Add a concept's per-stage tokens to the text encoder (replacing one with its placeholder)."""
+        if not isinstance(concept, Concept):
+            concept = Concept.load(concept)
+        if concept.num_train_timesteps != self.stage_map.num_train_timesteps:
+            raise ValueError(
+                f"concept was learned over {concept.num_train_timesteps} timesteps but the scheduler has "
+                f"{self.stage_map.num_train_timesteps}"
+            )
+        others = {p: c for p, c in self.concepts.items() if p != concept.placeholder}
+        if others and concept.num_stages != self.num_stages:
+            raise ValueError(
+                f"concept {concept.placeholder!r} has {concept.num_stages} stages but the loaded concepts "
+                f"have {self.num_stages}; all concepts of one pipeline share the stage split"
+            )
+        self.stage_map = StageMap(concept.num_stages, self.stage_map.num_train_timesteps)
+        add_concept(self.pipe.tokenizer, self.pipe.text_encoder, concept)
+        self.concepts[concept.placeholder] = concept
+        return concept
+
+    def stage_prompts(
+        self,
+        prompt: str,
+        prospect_words: Sequence[str | int] | None = None,
+        num_inference_steps: int | None = None,
+    ) -> list[str]:
+        """The N texts the text encoder sees for one prompt (index = stage)."""
+        concepts = self.concepts
+        return build_spectrum(
+            prompt,
+            prospect_words,
+            num_stages=self.num_stages,
+            placeholders=tuple(concepts),
+            token_for=(lambda p, k: concepts[p].token(k)) if concepts else None,
+            num_inference_steps=num_inference_steps,
+        )
+
+    @torch.no_grad()
+    def encode_stages(
+        self,
+        texts: list[list[str]],
+        num_images_per_prompt: int,
+        negative_prompt: str | None,
+        do_cfg: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encode every distinct stage text once: ([N, B, L, D] positive, [B, L, D] negative)."""
+        unique = sorted({t for per_prompt in texts for t in per_prompt})
+        if do_cfg:  # the negative prompt rides in the same text-encoder batch
+            unique.append(negative_prompt or "")
+        embeds, _ = self.pipe.encode_prompt(unique, self.device, 1, False)
+        index = {t: i for i, t in enumerate(unique[: len(unique) - do_cfg])}
+        rows = [torch.stack([embeds[index[per_prompt[k]]] for per_prompt in texts]) for k in range(self.num_stages)]
+        stacked = torch.stack(rows).repeat_interleave(num_images_per_prompt, dim=1)  # [N, B, L, D]
+        negative = embeds[-1:].expand(stacked.shape[1], -1, -1) if do_cfg else None
+        return stacked, negative
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = "*",
+        prospect_words: Sequence[str | int] | None = None,
+        image: Image.Image | torch.Tensor | None = None,
+        strength: float = 0.6,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+    ) -> GenerationResult:
+        """Generate with one prompt per stage; with ``image``, edit it (img2img, ``strength``)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        self._check(image, strength, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
+        texts = [self.stage_prompts(p, prospect_words, num_inference_steps) for p in prompts]
+        do_cfg = guidance_scale > 1.0
+        cond, uncond = self.encode_stages(texts, num_images_per_prompt, negative_prompt, do_cfg)
+        batch = cond.shape[1]
+        latents, timesteps = self._initial_latents(image, strength, height, width, num_inference_steps, batch, cond.dtype, generator)
+        extra = self.pipe.prepare_extra_step_kwargs(generator, eta)
+        stages: list[int] = []
+        for t in self.pipe.progress_bar(timesteps):
+            stage = self.stage_map.stage(t)
+            stages.append(stage)
+            embeds = torch.cat([uncond, cond[stage]]) if do_cfg else cond[stage]
+            model_in = torch.cat([latents] * 2) if do_cfg else latents
+            model_in = self.pipe.scheduler.scale_model_input(model_in, t)
+            pred = self.pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if do_cfg:
+                pred_uncond, pred_text = pred.chunk(2)
+                pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
+            latents = self.pipe.scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
+        images = self._decode(latents, generator, output_type)
+        params = dict(
+            prompt=prompts, prospect_words=list(prospect_words) if prospect_words is not None else None,
+            img2img=image is not None, strength=strength if image is not None else None,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+            eta=eta, scheduler=type(self.pipe.scheduler).__name__, num_stages=self.num_stages,
+            concepts=sorted(self.concepts),
+        )
+        return GenerationResult(images, texts, [int(t) for t in timesteps], stages, params)
+
+    def _initial_latents(self, image, strength, height, width, steps, batch, dtype, generator):
+        """Noise (txt2img) or the noised image (img2img) and the timesteps to denoise, as diffusers does."""
+        sched = self.pipe.scheduler
+        sched.set_timesteps(steps, device=self.device)
+        if image is None:
+            height = height or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            width = width or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            latents = self.pipe.prepare_latents(
+                batch, self.pipe.unet.config.in_channels, height, width, dtype, self.device, generator, None
+            )
+            return latents, sched.timesteps
+        pixels = self.img2img.image_processor.preprocess(image, height=height, width=width)
+        timesteps, _ = self.img2img.get_timesteps(steps, strength, self.device)
+        if len(timesteps) == 0:
+            raise ValueError(f"strength {strength} with {steps} steps denoises nothing; raise strength or steps")
+        latents = self.img2img.prepare_latents(pixels, timesteps[:1].repeat(batch), batch, 1, dtype, self.device, generator)
+        return latents, timesteps
+
+    def _decode(self, latents: torch.Tensor, generator, output_type: str):
+        if output_type == "latent":
+            return latents
+        vae = self.pipe.vae
+        decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        return self.pipe.image_processor.postprocess(decoded, output_type=output_type)
+
+    def _check(self, image, strength, height, width, steps, guidance_scale, num_images) -> None:
+        """One-line errors for bad arguments (diffusers' own checks come later and are less specific)."""
+        if image is not None and not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        multiple = 8  # as diffusers requires
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (value <= 0 or value % multiple):
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value}")
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+        if num_images < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images}")
+        if not guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
