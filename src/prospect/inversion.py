@@ -1,0 +1,240 @@
+"""ProSpect inversion: one token embedding per stage, learned with the diffusion model frozen.
+
+Implements the training side of ProSpect (Zhang et al., 2023): textual inversion where a
+sample at timestep t is captioned with the token of stage(t). Only the N concept rows get
+gradients; the UNet, VAE and text encoder are frozen and no weight gradient is computed.
+Randomness of step s is drawn from (seed, s) for the global batch and sliced per process, so
+a resumed run, or one spread over several processes, equals a single uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .concept import Concept, add_concept, init_embeddings, stage_token
+from .data import prepare, to_tensor
+from .stages import StageMap
+
+
+class InversionError(RuntimeError):
+    """Training cannot go on (non-finite loss, incompatible checkpoint), with what to do."""
+
+
+@dataclass
+class InversionConfig:
+    """Settings of one inversion (the CLI flags of ``prospect train`` map onto these)."""
+
+    placeholder: str = "*"  # the word prompts use for the concept
+    initializer: str = "object"  # word whose embedding starts every stage's token
+    num_stages: int = 10  # N, the number of per-stage tokens
+    steps: int = 500  # optimisation steps
+    lr: float = 5e-3  # AdamW learning rate of the token rows
+    batch_size: int = 10  # samples per step (global, over all processes)
+    resolution: int | None = None  # training size in pixels; None = the model's default size
+    crop: str = "center"  # "center" (square crop, then resize) or "none" (stretch, as official)
+    flip_p: float = 0.5  # probability of a horizontal flip
+    templates: Sequence[str] = ("{}",)  # caption templates; "{}" is the concept token (official)
+    stratified: bool = True  # every step (or every N/batch steps) covers all stages
+    seed: int = 0  # everything random derives from it
+    checkpoint_every: int = 100  # steps between checkpoints (0 = none); the most a kill can lose
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (GPU only; CPU always runs fp32)
+    extra: dict = field(default_factory=dict)  # free-form notes stored in the checkpoint
+
+
+@dataclass
+class StepLog:
+    """What one optimisation step reports to ``on_step``."""
+
+    step: int
+    loss: float
+    stages: list[int]
+
+
+class _ConceptRows(torch.nn.Module):
+    """Input-embedding layer: the frozen table, with the concept's rows read from a trainable tensor."""
+
+    def __init__(self, base: torch.nn.Embedding, token_ids: list[int], rows: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.rows = torch.nn.Parameter(rows.clone())
+        slot = torch.full((base.num_embeddings,), -1, dtype=torch.long)
+        slot[torch.tensor(token_ids)] = torch.arange(len(token_ids))
+        self.register_buffer("slot", slot, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        slot = self.slot.to(input_ids.device)[input_ids]
+        picked = self.rows.to(out.dtype)[slot.clamp(min=0)]
+        return torch.where((slot >= 0).unsqueeze(-1), picked, out)
+
+
+def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
+    """Identifies the data and settings a checkpoint belongs to (resume refuses a mismatch)."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every")},
+                                  sort_keys=True, default=list).encode())
+    for im in images:
+        h.update(im.tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def _cache_latents(pipe, images: list[Image.Image], cfg: InversionConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image and its mirror, computed once: [I, 2, C, h, w] each."""
+    res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pixels = to_tensor([prepare(im, res, cfg.crop) for im in images])
+    pixels = torch.stack([pixels, pixels.flip(-1)], dim=1).flatten(0, 1)
+    vae = pipe.vae
+    dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+    shape = (len(images), 2, *dist.mean.shape[1:])
+    return dist.mean.float().reshape(shape), dist.std.float().reshape(shape)
+
+
+def _draw(step: int, cfg: InversionConfig, num_images: int, stage_map: StageMap, latent_shape) -> dict:
+    """The global batch's random choices for one step, from (seed, step) alone."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    b, n = cfg.batch_size, cfg.num_stages
+    if cfg.stratified:  # consecutive steps walk through a fixed permutation of all stages
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+        stages = order[(torch.arange(b) + step * b) % n]
+    else:
+        stages = torch.randint(0, n, (b,), generator=gen)
+    lo_hi = torch.tensor([stage_map.bounds(int(s)) for s in stages])
+    t = lo_hi[:, 0] + (torch.rand(b, generator=gen) * (lo_hi[:, 1] - lo_hi[:, 0])).long()
+    return dict(
+        stages=stages,
+        t=t,
+        image=torch.randint(0, num_images, (b,), generator=gen),
+        flip=(torch.rand(b, generator=gen) < cfg.flip_p).long(),
+        template=torch.randint(0, len(cfg.templates), (b,), generator=gen),
+        eps_latent=torch.randn((b, *latent_shape), generator=gen),
+        noise=torch.randn((b, *latent_shape), generator=gen),
+    )
+
+
+def _target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return sched.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise InversionError(f"unsupported prediction_type {kind!r}")
+
+
+def invert(
+    pipe,
+    images: list[Image.Image],
+    config: InversionConfig | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[StepLog], None] | None = None,
+    progress: bool = True,
+    accelerator=None,
+) -> Concept:
+    """Learn a Concept (N per-stage token embeddings) from one or a few reference images."""
+    cfg = config or InversionConfig()
+    if not images:
+        raise InversionError("no reference images")
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
+    if cfg.batch_size % accelerator.num_processes:
+        raise InversionError(f"batch size {cfg.batch_size} must be a multiple of the {accelerator.num_processes} processes")
+    device = accelerator.device
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False).eval().to(device)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    stage_map = StageMap(cfg.num_stages, sched.config.num_train_timesteps)
+    init = init_embeddings(pipe.tokenizer, pipe.text_encoder, cfg.initializer, cfg.num_stages)
+    concept = Concept(placeholder=cfg.placeholder, embeddings=init, num_train_timesteps=sched.config.num_train_timesteps,
+                      initializer=cfg.initializer, base_model=str(pipe.config.get("_name_or_path", "") or ""))
+    token_ids = add_concept(pipe.tokenizer, pipe.text_encoder, concept)
+    base = pipe.text_encoder.get_input_embeddings()
+    layer = _ConceptRows(base, token_ids, init.to(device)).to(device)
+    opt = torch.optim.AdamW([layer.rows], lr=cfg.lr, weight_decay=0.0)
+    fingerprint, start = _fingerprint(images, cfg), 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if resume and ckpt is not None and ckpt.exists():
+        start = _resume(ckpt, fingerprint, layer, opt)
+    mean, std = _cache_latents(pipe, images, cfg, device)
+    scale = pipe.vae.config.scaling_factor
+    captions = {(k, j): tpl.format(stage_token(cfg.placeholder, k)) for k in range(cfg.num_stages) for j, tpl in enumerate(cfg.templates)}
+    rank, world = accelerator.process_index, accelerator.num_processes
+    unet_dtype = pipe.unet.dtype  # a property that walks every module: read it once
+    pipe.text_encoder.set_input_embeddings(layer)
+    try:
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="inversion",
+                   disable=not (progress and accelerator.is_main_process))
+        for step in bar:
+            d = _draw(step, cfg, len(images), stage_map, mean.shape[2:])
+            mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+            d = {k: v[mine].to(device) for k, v in d.items()}
+            x0 = (mean[d["image"], d["flip"]] + std[d["image"], d["flip"]] * d["eps_latent"]) * scale
+            keys = [(int(k), int(j)) for k, j in zip(d["stages"], d["template"])]
+            unique = sorted(set(keys))  # encode only the stage prompts this batch needs
+            ids = pipe.tokenizer([captions[k] for k in unique], padding="max_length", truncation=True,
+                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+            with accelerator.autocast():
+                states = pipe.text_encoder(ids)[0]
+                cond = states[torch.tensor([unique.index(k) for k in keys], device=device)]
+                noisy = sched.add_noise(x0, d["noise"], d["t"])
+                pred = pipe.unet(noisy.to(unet_dtype), d["t"], encoder_hidden_states=cond.to(unet_dtype)).sample
+            loss = F.mse_loss(pred.float(), _target(sched, x0, d["noise"], d["t"]).float())
+            if world > 1:
+                loss_all = accelerator.reduce(loss.detach(), "mean")
+            else:
+                loss_all = loss.detach()
+            if not torch.isfinite(loss_all):
+                kept = f"last good checkpoint {ckpt} kept" if ckpt and ckpt.exists() else "no checkpoint written"
+                raise InversionError(f"loss became {loss_all.item()} at step {step}; {kept}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:
+                layer.rows.grad = accelerator.reduce(layer.rows.grad, "mean")
+            opt.step()
+            if on_step is not None:
+                on_step(StepLog(step, loss_all.item(), [k for k, _ in keys]))
+            bar.set_postfix(loss=f"{loss_all.item():.4f}", refresh=False)
+            done = step + 1
+            if ckpt is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                if accelerator.is_main_process:
+                    _save(ckpt, layer, opt, done, fingerprint, cfg)
+                accelerator.wait_for_everyone()
+    finally:
+        pipe.text_encoder.set_input_embeddings(base)
+    concept.embeddings = layer.rows.detach().float().cpu()
+    add_concept(pipe.tokenizer, pipe.text_encoder, concept)
+    return concept
+
+
+def _save(path: Path, layer: _ConceptRows, opt, step: int, fingerprint: str, cfg: InversionConfig) -> None:
+    state = {"rows": layer.rows.detach(), "opt": opt.state_dict(), "step": step, "fingerprint": fingerprint,
+             "config": json.loads(json.dumps(asdict(cfg), default=list))}
+    save_checkpoint(state, path)
+
+
+def _resume(path: Path, fingerprint: str, layer: _ConceptRows, opt) -> int:
+    """Load rows and optimiser state; refuse a checkpoint of other images or settings."""
+    try:
+        state = load_checkpoint(path)
+    except ValueError as err:
+        raise InversionError(f"cannot resume: {err}") from err
+    if state.get("fingerprint") != fingerprint:
+        raise InversionError(f"cannot resume from {path}: it was made with other images or settings (delete it to start over)")
+    with torch.no_grad():
+        layer.rows.copy_(state["rows"].to(layer.rows.device))
+    opt.load_state_dict(state["opt"])
+    return int(state["step"])

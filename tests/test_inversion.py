@@ -1,0 +1,157 @@
+"""ProSpect inversion on a tiny model: it learns, touches nothing else, and resumes exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prospect.concept import Concept, init_embeddings
+from prospect.inversion import InversionConfig, InversionError, invert
+from prospect.stages import stage_of
+
+
+def _images(n=2, size=16):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
+
+
+def _frozen_state(pipe):
+    return {f"{name}.{k}": v.clone() for name in ("unet", "vae", "text_encoder")
+            for k, v in getattr(pipe, name).state_dict().items()}
+
+
+@torch.no_grad()
+def _fixed_loss(pipe, concept, image):
+    """Denoising loss of a concept on one image over fixed timesteps and noises (all stages)."""
+    from prospect.concept import add_concept
+    from prospect.data import to_tensor
+
+    add_concept(pipe.tokenizer, pipe.text_encoder, concept)
+    x0 = pipe.vae.encode(to_tensor([image])).latent_dist.mean * pipe.vae.config.scaling_factor
+    gen = torch.Generator().manual_seed(123)
+    total = 0.0
+    for t in range(25, 1000, 50):
+        noise = torch.randn(x0.shape, generator=gen)
+        cond = pipe.encode_prompt([concept.token(stage_of(t))], "cpu", 1, False)[0]
+        ts = torch.tensor([t])
+        pred = pipe.unet(pipe.scheduler.add_noise(x0, noise, ts), ts, encoder_hidden_states=cond).sample
+        total += torch.nn.functional.mse_loss(pred, noise).item()
+    return total
+
+
+CFG = dict(initializer="cat", steps=40, lr=5e-2, batch_size=10, checkpoint_every=0)
+
+
+def test_loss_falls_and_only_the_concept_rows_change(tiny_pipe):
+    before = _frozen_state(tiny_pipe)
+    vocab_before = len(tiny_pipe.tokenizer)
+    logs = []
+    concept = invert(tiny_pipe, _images(1), InversionConfig(**dict(CFG, steps=80)), on_step=logs.append, progress=False)
+    assert isinstance(concept, Concept) and concept.embeddings.shape == (10, 32)
+    assert len(logs) == 80
+    after = _frozen_state(tiny_pipe)
+    emb_key = next(k for k in before if k.endswith("token_embedding.weight"))
+    for k, v in before.items():
+        if k != emb_key:
+            assert torch.equal(v, after[k]), k
+    new = after[emb_key]
+    assert torch.equal(new[: before[emb_key].shape[0]], before[emb_key])  # old rows bit-identical
+    assert new.shape[0] == vocab_before + 10
+    ids = tiny_pipe.tokenizer.convert_tokens_to_ids(concept.tokens())
+    torch.testing.assert_close(new[ids], concept.embeddings)
+    assert not torch.allclose(concept.embeddings[0], concept.embeddings[9])  # stages learned apart
+    initial = Concept(placeholder="*", embeddings=init_embeddings(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "cat", 10))
+    assert _fixed_loss(tiny_pipe, concept, _images(1)[0]) < 0.99 * _fixed_loss(tiny_pipe, initial, _images(1)[0])
+
+
+def test_no_weight_gradients_are_computed(tiny_pipe):
+    invert(tiny_pipe, _images(1), InversionConfig(**dict(CFG, steps=3)), progress=False)
+    for name in ("unet", "vae", "text_encoder"):
+        assert all(p.grad is None and not p.requires_grad for p in getattr(tiny_pipe, name).parameters()), name
+
+
+def test_stratified_steps_cover_every_stage(tiny_pipe):
+    logs = []
+    invert(tiny_pipe, _images(1), InversionConfig(**dict(CFG, steps=4, batch_size=5)), on_step=logs.append, progress=False)
+    assert sorted(logs[0].stages + logs[1].stages) == list(range(10))
+    assert sorted(logs[2].stages + logs[3].stages) == list(range(10))
+
+
+def test_each_sample_is_captioned_with_the_token_of_its_timesteps_stage(tiny_pipe):
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((args[1].clone(), kwargs["encoder_hidden_states"].detach().clone()))
+
+    handle = tiny_pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    concept = invert(tiny_pipe, _images(1), InversionConfig(**dict(CFG, steps=1, lr=0.0)), progress=False)
+    handle.remove()
+    (t, states), = seen
+    for ti, s in zip(t.tolist(), states):
+        expected = tiny_pipe.encode_prompt([concept.token(stage_of(ti))], "cpu", 1, False)[0][0]
+        torch.testing.assert_close(s, expected)
+
+
+def test_seeded_run_is_deterministic(clip_tokenizer_dir):
+    from conftest import build_tiny_pipeline
+
+    a = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), InversionConfig(**CFG), progress=False)
+    b = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), InversionConfig(**CFG), progress=False)
+    assert torch.equal(a.embeddings, b.embeddings)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(clip_tokenizer_dir, tmp_path):
+    from conftest import build_tiny_pipeline
+
+    cfg = dict(CFG, checkpoint_every=10)
+    full = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), InversionConfig(**cfg), progress=False)
+    ckpt = tmp_path / "c.ckpt.safetensors"
+
+    class Stop(Exception):
+        pass
+
+    def kill_at_25(log):
+        if log.step == 24:
+            raise Stop
+
+    with pytest.raises(Stop):
+        invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), InversionConfig(**cfg), checkpoint=ckpt,
+               on_step=kill_at_25, progress=False)
+    assert ckpt.exists()
+    resumed_from = []
+    resumed = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), InversionConfig(**cfg), checkpoint=ckpt,
+                     resume=True, on_step=lambda log: resumed_from.append(log.step), progress=False)
+    assert resumed_from[0] == 20  # lost no more than one checkpoint interval
+    torch.testing.assert_close(resumed.embeddings, full.embeddings, rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_of_other_images(clip_tokenizer_dir, tmp_path):
+    from conftest import build_tiny_pipeline
+
+    ckpt = tmp_path / "c.ckpt.safetensors"
+    invert(build_tiny_pipeline(clip_tokenizer_dir), _images(1), InversionConfig(**dict(CFG, steps=10, checkpoint_every=5)),
+           checkpoint=ckpt, progress=False)
+    with pytest.raises(InversionError, match="other images or settings"):
+        invert(build_tiny_pipeline(clip_tokenizer_dir), _images(2), InversionConfig(**dict(CFG, steps=10, checkpoint_every=5)),
+               checkpoint=ckpt, resume=True, progress=False)
+
+
+def test_v_prediction_models_train_on_velocity(tiny_vpred_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_vpred_model_dir, local_files_only=True, safety_checker=None)
+    logs = []
+    invert(pipe, _images(1), InversionConfig(**dict(CFG, steps=60)), on_step=logs.append, progress=False)
+    assert np.mean([l.loss for l in logs[-10:]]) < np.mean([l.loss for l in logs[:10]])
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tiny_pipe, tmp_path):
+    ckpt = tmp_path / "c.ckpt.safetensors"
+    invert(tiny_pipe, _images(1), InversionConfig(**dict(CFG, steps=5, checkpoint_every=5)), checkpoint=ckpt, progress=False)
+    good = ckpt.read_bytes()
+    with pytest.raises(InversionError, match="loss became"):
+        invert(tiny_pipe, _images(1), InversionConfig(**dict(CFG, steps=10, checkpoint_every=5, lr=float("inf"))),
+               checkpoint=tmp_path / "d.ckpt.safetensors", progress=False)
+    assert ckpt.read_bytes() == good
