@@ -7,6 +7,10 @@ single-file checkpoints (``.ckpt`` / ``.safetensors``) load through a config fol
 
 from __future__ import annotations
 
+import json
+import pickle
+import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -64,8 +68,10 @@ def load_pipeline(
 ) -> StableDiffusionPipeline:
     """Load a local SD model: None = the embedded toy model; a folder; or a single checkpoint file.
 
-    ``config`` (single files only) is a diffusers-layout folder describing the architecture;
-    by default the shipped SD 1.x config, or SD 2.x when the file name says ``v2``.
+    ``config`` (single files only) is a diffusers-layout folder describing the architecture; by
+    default the shipped ``configs/sd-v1`` (SD 1.5) or ``configs/sd-v2`` (SD 2.1 768-v, v-prediction),
+    chosen from the checkpoint's weight names (an OpenCLIP text encoder means SD 2.x). For an SD 2.x
+    *base* (512 px, epsilon) checkpoint pass a config folder whose scheduler says ``epsilon``.
     """
     path = _default_model() if model is None else Path(model).expanduser()
     if not path.exists():
@@ -82,15 +88,147 @@ def load_pipeline(
     return _load_single_file(path, config, kwargs)
 
 
+_UNET_PREFIX, _VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+_CLIP_V1_PREFIX, _CLIP_V2_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."  # CLIP / OpenCLIP
+_CONFIG_PARTS = (
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "tokenizer/tokenizer_config.json",
+    "scheduler/scheduler_config.json",
+)
+_MODULES = ("unet", "vae", "text_encoder")
+_SHARED_VOCAB = CONFIG_DIR / "sd-v1" / "tokenizer"  # sd-v2 uses the same CLIP BPE, padded with "!"
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Weight names and shapes of a single file, read without loading it (no code runs)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
+        return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the pickle
+        raise ModelError(f"cannot read the checkpoint {path}: {_unpickling_reason(err)}") from err
+    except Exception as err:
+        raise ModelError(f"cannot read the checkpoint {path}: {_first_line(err)}") from err
+
+
+def _unpickling_reason(err: BaseException) -> str:
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+) was not an allowed global", text)
+    if found:
+        return (f"it pickles {found.group(1)}, not only tensors, and unpickling that could run code; "
+                "convert it to .safetensors with a tool you trust")
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    return f"not a PyTorch checkpoint ({found.group(1).strip() if found else _first_line(err)})"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _checkpoint_family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
+    """'sd-v1' or 'sd-v2' from the weight names; a ModelError for anything else."""
+    keys = list(shapes)
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("conditioner.embedders."):
+        raise ModelError(f"{path} is an SDXL checkpoint; only Stable Diffusion 1.x and 2.x are supported")
+    if not has(_UNET_PREFIX):
+        hint = ""
+        if any(k.split(".")[0] in ("down_blocks", "unet", "encoder", "text_model") for k in keys):
+            hint = "; it looks like one diffusers component: give the whole diffusers folder instead"
+        raise ModelError(
+            f"{path} is not an original Stable Diffusion checkpoint (no model.diffusion_model.* weights){hint}"
+        )
+    missing = [name for prefix, name in ((_VAE_PREFIX, "VAE (first_stage_model.*)"),
+                                         ("cond_stage_model.", "text encoder (cond_stage_model.*)")) if not has(prefix)]
+    if missing:
+        raise ModelError(f"{path} lacks the {' and the '.join(missing)} weights; give a full SD checkpoint")
+    if has(_CLIP_V2_PREFIX):
+        return "sd-v2"
+    if has(_CLIP_V1_PREFIX):
+        return "sd-v1"
+    raise ModelError(f"{path}: unknown text encoder layout (neither cond_stage_model.transformer.* nor .model.*)")
+
+
+def _check_config(config: Path) -> None:
+    if not config.is_dir():  # diffusers would take anything else for a Hub repo id and try to download it
+        raise ModelError(f"config {config} is not a folder (give a diffusers-layout model or config folder)")
+    missing = [p for p in _CONFIG_PARTS if not (config / p).exists()]
+    if missing:
+        raise ModelError(f"config folder {config} is missing {', '.join(missing)}")
+
+
+def _check_against_config(path: Path, shapes: dict[str, tuple[int, ...]], config: Path) -> None:
+    """Catch a checkpoint/architecture mismatch before diffusers does (its errors are cryptic)."""
+    try:
+        unet = json.loads((config / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"config {config}: unreadable unet/config.json ({_first_line(err)})") from err
+    conv_in = shapes.get(_UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != unet.get("in_channels", 4):
+        raise ModelError(
+            f"{path}: its UNet takes {conv_in[1]} input channels but {config} expects "
+            f"{unet.get('in_channels', 4)} (inpainting and other variants need their own config)"
+        )
+    to_k = [s for k, s in shapes.items() if k.startswith(_UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
+    context = to_k[0][-1] if to_k else None
+    expected = unet.get("cross_attention_dim")
+    if context is not None and isinstance(expected, int) and context != expected:
+        raise ModelError(
+            f"{path}: its UNet cross-attention width is {context} but {config} expects {expected} "
+            "(SD 1.x is 768, SD 2.x is 1024); pass the matching config"
+        )
+
+
+def _tokenizer(config: Path):
+    """The config folder's tokenizer; one without vocab files borrows the shipped CLIP BPE files."""
+    from transformers import CLIPTokenizer
+
+    folder = config / "tokenizer"
+    if (folder / "vocab.json").exists() or (folder / "tokenizer.json").exists():
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    overrides = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            overrides.update(json.loads((folder / name).read_text(encoding="utf-8")))
+    overrides = {k: v for k, v in overrides.items() if isinstance(v, (str, int, bool)) and k != "tokenizer_class"}
+    return CLIPTokenizer.from_pretrained(_SHARED_VOCAB, local_files_only=True, **overrides)
+
+
 def _load_single_file(path: Path, config: str | Path | None, kwargs: dict) -> StableDiffusionPipeline:
     if path.suffix not in (".ckpt", ".safetensors"):
         raise ModelError(f"{path}: a single-file model must be .ckpt or .safetensors")
-    if config is None:
-        config = CONFIG_DIR / ("sd-v2" if "v2" in path.name.lower() else "sd-v1")
+    if not path.is_file():
+        raise ModelError(f"{path} is not a file")
+    shapes = _checkpoint_shapes(path)
+    family = _checkpoint_family(path, shapes)
+    config = CONFIG_DIR / family if config is None else Path(config).expanduser()
+    _check_config(config)
+    _check_against_config(path, shapes, config)
     try:  # diffusers reads .ckpt with torch.load(weights_only=True): tensors only, no code runs
-        return StableDiffusionPipeline.from_single_file(str(path), config=str(config), **kwargs)
+        tokenizer = _tokenizer(config)
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), tokenizer=tokenizer, **kwargs)
     except Exception as err:  # diffusers raises many types here; all mean "cannot load"
-        raise ModelError(f"cannot load the checkpoint {path}: {str(err).splitlines()[0]}") from err
+        if "meta tensor" in str(err):  # a weight the file lacks stayed on the meta device
+            raise ModelError(f"{path} lacks weights that {config} needs; the file and config do not match") from err
+        raise ModelError(f"cannot load the checkpoint {path} with config {config}: {_first_line(err)}") from err
+    unloaded = [name for name in _MODULES if any(p.is_meta for p in getattr(pipe, name).parameters())]
+    if unloaded:  # diffusers leaves weights the file lacks on the meta device, silently for some parts
+        raise ModelError(
+            f"{path} lacks weights for the {', '.join(unloaded)} of {config}; the file and config do not match"
+        )
+    return pipe
 
 
 def make_scheduler(name: str, pipe: StableDiffusionPipeline):
