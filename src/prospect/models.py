@@ -78,7 +78,7 @@ def load_pipeline(
         raise ModelError(f"model not found: {path} (give a diffusers folder or a .ckpt/.safetensors file)")
     kwargs = dict(local_files_only=True, safety_checker=None, requires_safety_checker=False)
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs["dtype"] = torch_dtype
     if path.is_dir():
         _check_folder(path)
         try:

@@ -1,0 +1,259 @@
+"""The ``prospect`` command: a thin layer over the Python API.
+
+Every subcommand maps its flags onto the API's dataclasses and functions. Known bad input
+ends with one line on stderr ("prospect: error: ...") and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL_HELP = "a diffusers folder or a .ckpt/.safetensors file (default: the embedded toy-world model)"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
+    p.add_argument("--model-config", default=None, help="config folder for a single-file model (default: shipped SD 1.x/2.x)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="weights dtype (default: float32 on CPU, float16 on GPU)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--scheduler", default="ddim", help="ddim, ddpm, pndm, lms, euler, euler_a, heun, dpm++, unipc")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prospect", description="ProSpect: per-stage textual inversion and prompt-spectrum generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="learn a concept (one token per stage) from one or a few images")
+    t.add_argument("images", nargs="+", help="image files or folders")
+    t.add_argument("--out", required=True, help="concept file to write (.safetensors)")
+    _model_args(t)
+    t.add_argument("--placeholder", default="*", help="the word prompts use for the concept (default *)")
+    t.add_argument("--init-word", default="object", help="initializer word (default 'object')")
+    t.add_argument("--stages", type=int, default=10, help="number of stages N (default 10)")
+    t.add_argument("--steps", type=int, default=500)
+    t.add_argument("--lr", type=float, default=5e-3)
+    t.add_argument("--batch-size", type=int, default=10)
+    t.add_argument("--resolution", type=int, default=None, help="training size (default: the model's)")
+    t.add_argument("--crop", choices=("center", "none"), default="center")
+    t.add_argument("--template", action="append", default=None, help="caption template with {} (repeatable; default '{}')")
+    t.add_argument("--no-stratified", action="store_true", help="draw stages at random instead of covering all")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.safetensors if present")
+    t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+
+    g = sub.add_parser("generate", help="generate or edit images with a prompt per stage")
+    _model_args(g)
+    g.add_argument("--concept", action="append", default=[], help="concept file(s) to load")
+    g.add_argument("--prompt", default="*", help="prompt; '*' takes the prospect words or the learned token")
+    g.add_argument("--prospect-words", default=None, help="JSON/YAML file with N entries (index 0 = generation ends)")
+    g.add_argument("--word", action="append", default=None, help="one prospect_words entry (repeat N times; an int = that stage's token)")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--image", default=None, help="input image for img2img")
+    g.add_argument("--strength", type=float, default=0.6, help="img2img strength in [0, 1]")
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--out", default="prospect-out", help="output folder")
+    _sampling_args(g)
+
+    v = sub.add_parser("visualize", help="grid of what each stage's token carries")
+    _model_args(v)
+    v.add_argument("--concept", required=True)
+    v.add_argument("--out", default="prospect-out", help="output folder")
+    v.add_argument("--scale", type=int, default=1, help="upscale factor of the grid (nearest)")
+    _sampling_args(v)
+
+    e = sub.add_parser("export", help="write a concept for other tools")
+    e.add_argument("concept")
+    e.add_argument("--format", choices=("diffusers", "a1111"), required=True)
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--steps", type=int, default=None, help="a1111: write switch points as step numbers")
+
+    i = sub.add_parser("info", help="describe a concept file")
+    i.add_argument("concept")
+
+    d = sub.add_parser("demo", help="the main job on the embedded model: invert a reference, then show the uses")
+    d.add_argument("--image", default=None, help="reference image (default: a rendered toy-world scene)")
+    d.add_argument("--out", default="prospect-demo", help="output folder")
+    d.add_argument("--steps", type=int, default=None, help="inversion steps (default: the demo's budget)")
+    d.add_argument("--seed", type=int, default=0)
+    _model_args(d)
+    return parser
+
+
+def _quiet() -> None:
+    """Library chatter (loading bars, optional-dependency notes) would bury our one-line errors."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load(args):
+    import torch
+
+    from .models import load_pipeline, make_scheduler
+    from .pipeline import ProSpectPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    pipe = load_pipeline(args.model, torch_dtype=dtype, config=args.model_config)
+    if getattr(args, "scheduler", None):
+        pipe.scheduler = make_scheduler(args.scheduler, pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return ProSpectPipeline(pipe).to(device)
+
+
+def cmd_train(args) -> None:
+    from .concept import Concept  # noqa: F401  (import errors surface before the model loads)
+    from .data import find_images, open_image
+    from .inversion import InversionConfig, invert
+
+    images = [open_image(p) for p in find_images(args.images)]
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors, got {out.name}")
+    if not out.parent.exists():
+        raise ValueError(f"output folder {out.parent} does not exist")
+    cfg = InversionConfig(
+        placeholder=args.placeholder, initializer=args.init_word, num_stages=args.stages, steps=args.steps,
+        lr=args.lr, batch_size=args.batch_size, resolution=args.resolution, crop=args.crop,
+        templates=tuple(args.template or ("{}",)), stratified=not args.no_stratified, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
+    )
+    pp = _load(args)
+    ckpt = out.with_name(out.stem + ".ckpt.safetensors")
+    concept = invert(pp.pipe, images, cfg, checkpoint=ckpt, resume=args.resume)
+    if args.model is None:
+        concept.base_model = "prospect/toy-world"
+    concept.save(out)
+    print(f"wrote {out} ({concept.num_stages} stages x {concept.dim}, placeholder {concept.placeholder!r})")
+
+
+def _words(args):
+    from .spectrum import SpectrumError, load_prospect_words
+
+    if args.prospect_words and args.word:
+        raise SpectrumError("give --prospect-words FILE or --word entries, not both")
+    if args.prospect_words:
+        return load_prospect_words(args.prospect_words)
+    if args.word:
+        return [int(w) if w.lstrip("-").isdigit() else w for w in args.word]
+    return None
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .concept import Concept
+    from .data import open_image
+    from .outputs import ensure_dir, make_grid, save_png
+    from .spectrum import build_spectrum
+
+    words = _words(args)
+    concepts = [Concept.load(c) for c in args.concept]
+    stages = concepts[0].num_stages if concepts else 10
+    # check the spectrum before the (slow) model load, so bad input fails at once
+    build_spectrum(args.prompt, words, num_stages=stages, placeholders=[c.placeholder for c in concepts],
+                   token_for=(lambda p, k: p) if concepts else None, num_inference_steps=args.steps)
+    image = open_image(args.image) if args.image else None
+    folder = ensure_dir(args.out)
+    pp = _load(args)
+    for c in concepts:
+        pp.load_concept(c)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    result = pp(args.prompt, prospect_words=words, image=image, strength=args.strength, height=args.height,
+                width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images, generator=gen)
+    params = dict(result.parameters, seed=args.seed, model=args.model or "embedded toy-world",
+                  concept_files=args.concept, stage_prompts=result.stage_prompts[0])
+    for k, im in enumerate(result.images):
+        print(save_png(im, folder / f"{args.seed}-{k:03d}.png", dict(params, index=k)))
+    print(save_png(make_grid(result.images), folder / f"{args.seed}-grid.png", params))
+
+
+def cmd_visualize(args) -> None:
+    from .outputs import ensure_dir, save_png
+    from .visualize import visualize
+
+    folder = ensure_dir(args.out)
+    pp = _load(args)
+    concept = pp.load_concept(args.concept)
+    vis = visualize(pp, concept.placeholder, seed=args.seed, num_inference_steps=args.steps,
+                    guidance_scale=args.guidance_scale, scale=args.scale)
+    print(save_png(vis.grid, folder / f"stages-{args.seed}.png", {"labels": vis.labels, "prospect_words": vis.stage_words}))
+
+
+def cmd_export(args) -> None:
+    from .concept import Concept, export_a1111, export_diffusers
+    from .outputs import ensure_dir
+
+    concept = Concept.load(args.concept)
+    folder = ensure_dir(args.out)
+    if args.format == "diffusers":
+        for p in export_diffusers(concept, folder):
+            print(p)
+    else:
+        paths, prompt = export_a1111(concept, folder, num_inference_steps=args.steps)
+        for p in paths:
+            print(p)
+        print(f"A1111 prompt: {prompt}")
+
+
+def cmd_info(args) -> None:
+    from .concept import Concept
+
+    c = Concept.load(args.concept)
+    print(f"placeholder {c.placeholder!r}, {c.num_stages} stages over {c.num_train_timesteps} timesteps, dim {c.dim}")
+    print(f"initializer {c.initializer!r}, base model {c.base_model or 'unknown'!r}")
+    norms = ", ".join(f"{n:.3f}" for n in c.embeddings.norm(dim=1).tolist())
+    print(f"row norms (stage 0..{c.num_stages - 1}): {norms}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=Path(args.out), image=args.image, seed=args.seed)
+    if args.steps is not None:
+        cfg.inversion_steps = args.steps
+    report = run_demo(cfg, model=args.model)
+    print(f"figure: {report.figure}\nreport: {report.html}")
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "visualize": cmd_visualize, "export": cmd_export,
+            "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    from .inversion import InversionError
+
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, InversionError, FileNotFoundError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"prospect: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prospect: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The command line end to end on a tiny model: train -> generate -> visualize -> export -> info."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prospect.cli import main
+from prospect.concept import Concept
+from prospect.outputs import read_parameters
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    (d / "refs").mkdir()
+    for k in range(2):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(d / "refs" / f"r{k}.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, tiny_model_dir):
+    out = workdir / "concept.safetensors"
+    code = main(["train", str(workdir / "refs"), "--out", str(out), "--model", str(tiny_model_dir),
+                 "--steps", "6", "--init-word", "cat", "--checkpoint-every", "3"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_a_concept_and_a_checkpoint(trained):
+    concept = Concept.load(trained)
+    assert concept.num_stages == 10 and concept.dim == 32 and concept.initializer == "cat"
+    assert trained.with_name("concept.ckpt.safetensors").exists()
+
+
+def test_generate_writes_pngs_with_parameters_and_a_grid(trained, tiny_model_dir, workdir, capsys):
+    out = workdir / "gen"
+    words = workdir / "words.json"
+    words.write_text(json.dumps(["a * dog"] * 5 + ["a dog"] * 4 + [9]))
+    code = main(["generate", "--model", str(tiny_model_dir), "--concept", str(trained), "--prompt", "*",
+                 "--prospect-words", str(words), "--steps", "4", "--num-images", "2", "--seed", "7", "--out", str(out)])
+    assert code == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["7-000.png", "7-001.png", "7-grid.png"]
+    params = read_parameters(out / "7-000.png")
+    assert params["seed"] == 7 and params["prospect_words"][9] == 9 and params["num_inference_steps"] == 4
+    assert params["stage_prompts"][0] == "a <*:s0> dog" and params["stage_prompts"][9] == "<*:s9>"
+    assert "7-grid.png" in capsys.readouterr().out
+
+
+def test_generate_img2img_with_repeated_word_flags(trained, tiny_model_dir, workdir):
+    out = workdir / "img2img"
+    words = ["a photo of *"] * 5 + ["a photo"] * 5
+    args = ["generate", "--model", str(tiny_model_dir), "--concept", str(trained), "--image",
+            str(workdir / "refs" / "r0.png"), "--strength", "0.5", "--steps", "4", "--out", str(out)]
+    for w in words:
+        args += ["--word", w]
+    assert main(args) == 0
+    assert read_parameters(out / "0-000.png")["img2img"] is True
+
+
+def test_visualize_writes_a_labelled_grid(trained, tiny_model_dir, workdir):
+    out = workdir / "vis"
+    assert main(["visualize", "--model", str(tiny_model_dir), "--concept", str(trained), "--steps", "3",
+                 "--out", str(out)]) == 0
+    grid = Image.open(out / "stages-0.png")
+    assert grid.width == 10 * 16 and read_parameters(out / "stages-0.png")["labels"][0] == "s9 only"
+
+
+def test_export_both_formats_and_info(trained, workdir, capsys):
+    assert main(["export", str(trained), "--format", "diffusers", "--out", str(workdir / "ti")]) == 0
+    assert len(list((workdir / "ti").glob("*.safetensors"))) == 10
+    assert main(["export", str(trained), "--format", "a1111", "--out", str(workdir / "a1111")]) == 0
+    assert "A1111 prompt: [" in capsys.readouterr().out
+    assert main(["info", str(trained)]) == 0
+    assert "10 stages" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--word", "a"], "exactly num_stages=10"),
+        (["generate", "--strength", "2", "--image", "{img}"], "strength"),
+        (["generate", "--height", "30"], "height"),
+        (["generate", "--concept", "{missing}"], "missing.safetensors"),
+        (["train", "{empty}", "--out", "{out}"], "no images"),
+        (["info", "{notimage}"], "notimage"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tiny_model_dir, workdir, capsys):
+    (workdir / "empty").mkdir(exist_ok=True)
+    (workdir / "notimage.txt").write_text("hello")
+    fill = dict(img=workdir / "refs" / "r0.png", missing=workdir / "missing.safetensors", empty=workdir / "empty",
+                out=workdir / "x.safetensors", notimage=workdir / "notimage.txt")
+    argv = [a.format(**fill) for a in args] + ["--model", str(tiny_model_dir)] * (args[0] != "info")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prospect: error:") and "\n" not in err and message in err, err
+    assert not (workdir / "x.safetensors").exists()
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "prospect.cli", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("train", "generate", "visualize", "export", "demo"):
+        assert cmd in out.stdout
