@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from clip_vocab import write_clip_tokenizer  # noqa: E402
+from prospect.models import CONFIG_DIR  # noqa: E402
+
+SHIPPED_TOKENIZER = CONFIG_DIR / "sd-v1" / "tokenizer"
 
 TINY_DIM = 32  # text hidden size = UNet cross-attention dim
 
@@ -80,7 +83,10 @@ def build_tiny_pipeline(tokenizer_dir: Path, prediction_type: str = "epsilon", s
 
 @pytest.fixture(scope="session")
 def clip_tokenizer_dir(tmp_path_factory) -> Path:
-    return write_clip_tokenizer(tmp_path_factory.mktemp("clip-tokenizer"))
+    """The real SD 1.x CLIP tokenizer, as shipped with the package's single-file configs."""
+    folder = tmp_path_factory.mktemp("clip-tokenizer") / "tokenizer"
+    shutil.copytree(SHIPPED_TOKENIZER, folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
