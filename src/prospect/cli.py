@@ -95,10 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet() -> None:
     """Library chatter (loading bars, optional-dependency notes) would bury our one-line errors."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # "critical": diffusers logs an error line before raising it, and we report the raise in one line
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "critical")
     import diffusers
     import transformers
 
+    if os.environ["DIFFUSERS_VERBOSITY"] == "critical":  # also when diffusers was imported before us
+        diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
 
@@ -121,7 +124,7 @@ def _load(args):
 def cmd_train(args) -> None:
     from .concept import Concept  # noqa: F401  (import errors surface before the model loads)
     from .data import find_images, open_image
-    from .inversion import InversionConfig, invert
+    from .inversion import InversionConfig, check_config, invert
 
     images = [open_image(p) for p in find_images(args.images)]
     out = Path(args.out)
@@ -135,6 +138,7 @@ def cmd_train(args) -> None:
         templates=tuple(args.template or ("{}",)), stratified=not args.no_stratified, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
     )
+    check_config(cfg)
     pp = _load(args)
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
     concept = invert(pp.pipe, images, cfg, checkpoint=ckpt, resume=args.resume)
@@ -156,25 +160,48 @@ def _words(args):
     return None
 
 
+def _load_concepts(pp, paths, concepts=None) -> list:
+    """Add concepts to the pipeline; a concept that does not fit the model is named by its file."""
+    from .concept import ConceptError
+
+    loaded = []
+    for path, c in zip(paths, concepts or paths):
+        try:
+            loaded.append(pp.load_concept(c))
+        except ValueError as err:  # e.g. a dim that does not fit the model: say which file
+            raise ConceptError(err if str(path) in str(err) else f"{path}: {err}") from err
+    return loaded
+
+
 def cmd_generate(args) -> None:
     import torch
 
     from .concept import Concept
     from .data import open_image
+    from .models import SCHEDULERS
     from .outputs import ensure_dir, make_grid, save_png
-    from .spectrum import build_spectrum
+    from .pipeline import ProSpectPipeline
+    from .spectrum import SpectrumError, build_spectrum
 
     words = _words(args)
     concepts = [Concept.load(c) for c in args.concept]
     stages = concepts[0].num_stages if concepts else 10
-    # check the spectrum before the (slow) model load, so bad input fails at once
-    build_spectrum(args.prompt, words, num_stages=stages, placeholders=[c.placeholder for c in concepts],
-                   token_for=(lambda p, k: p) if concepts else None, num_inference_steps=args.steps)
+    # check everything before the (slow) model load, so bad input fails at once and writes nothing
+    try:
+        build_spectrum(args.prompt, words, num_stages=stages, placeholders=[c.placeholder for c in concepts],
+                       token_for=(lambda p, k: p) if concepts else None, num_inference_steps=args.steps)
+    except SpectrumError as err:
+        raise SpectrumError(f"{args.prospect_words}: {err}" if args.prospect_words else err) from None
     image = open_image(args.image) if args.image else None
-    folder = ensure_dir(args.out)
+    ProSpectPipeline.check_arguments(image, args.strength, args.height, args.width, args.steps,
+                                     args.guidance_scale, args.num_images)
+    if image is not None and int(args.steps * args.strength) < 1:  # as diffusers' img2img counts its steps
+        raise ValueError(f"--strength {args.strength} with --steps {args.steps} denoises nothing; raise either")
+    if args.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     pp = _load(args)
-    for c in concepts:
-        pp.load_concept(c)
+    _load_concepts(pp, args.concept, concepts)
+    folder = ensure_dir(args.out)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pp(args.prompt, prospect_words=words, image=image, strength=args.strength, height=args.height,
                 width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
@@ -190,9 +217,11 @@ def cmd_visualize(args) -> None:
     from .outputs import ensure_dir, save_png
     from .visualize import visualize
 
-    folder = ensure_dir(args.out)
+    if args.scale < 1 or args.steps < 1:
+        raise ValueError(f"--scale and --steps must be >= 1, got {args.scale} and {args.steps}")
     pp = _load(args)
-    concept = pp.load_concept(args.concept)
+    (concept,) = _load_concepts(pp, [args.concept])
+    folder = ensure_dir(args.out)
     vis = visualize(pp, concept.placeholder, seed=args.seed, num_inference_steps=args.steps,
                     guidance_scale=args.guidance_scale, scale=args.scale)
     print(save_png(vis.grid, folder / f"stages-{args.seed}.png", {"labels": vis.labels, "prospect_words": vis.stage_words}))
@@ -203,6 +232,8 @@ def cmd_export(args) -> None:
     from .outputs import ensure_dir
 
     concept = Concept.load(args.concept)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     folder = ensure_dir(args.out)
     if args.format == "diffusers":
         for p in export_diffusers(concept, folder):
@@ -245,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command](args)
-    except (ValueError, InversionError, FileNotFoundError) as err:
+    except (ValueError, InversionError, OSError) as err:  # OSError: a file or folder we could not use
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"prospect: error: {message}", file=sys.stderr)
         return 2

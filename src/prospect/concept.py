@@ -337,12 +337,12 @@ def export_a1111(
     fractions of the step count, otherwise exact step numbers for that count.
     """
     stem, folder = _file_stem(concept, name), Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     names = [f"{stem}-s{k}" for k in range(concept.num_stages)]
+    prompt = a1111_schedule(names, num_inference_steps)  # validates the step count before anything is written
+    folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{n}.safetensors" for n in names]
     for k, path in enumerate(paths):
         _atomic_write(path, safetensors.torch.save({"emb_params": concept.embeddings[k : k + 1].clone()}))
-    prompt = a1111_schedule(names, num_inference_steps)
     _write_note(folder, f"{stem}-prospect_a1111.json", {
         "format": "prospect-a1111-export", "placeholder": concept.placeholder, "base_model": concept.base_model,
         "stage_order": _STAGE_ORDER,

@@ -52,8 +52,10 @@ def open_image(path: str | Path) -> Image.Image:
                 rgb = _to_rgb(img)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{path}: not a readable image ({type(err).__name__})") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{path}: too large, refused before decoding ({str(err).splitlines()[0]})") from err
+    except UnidentifiedImageError as err:
+        raise ImageError(f"{path}: not an image (empty, or a format Pillow cannot identify)") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{path}: damaged or truncated image ({str(err).splitlines()[0]})") from err
     if min(rgb.size) < MIN_SIDE:

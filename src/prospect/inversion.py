@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -50,6 +51,29 @@ class InversionConfig:
     checkpoint_every: int = 100  # steps between checkpoints (0 = none); the most a kill can lose
     mixed_precision: str = "no"  # "no", "fp16" or "bf16" (GPU only; CPU always runs fp32)
     extra: dict = field(default_factory=dict)  # free-form notes stored in the checkpoint
+
+
+def check_config(cfg: InversionConfig) -> None:
+    """Refuse settings that would crash mid-run or silently learn nothing (before any model loads)."""
+    for name in ("steps", "batch_size", "num_stages"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise InversionError(f"{name} must be an integer >= 1, got {value!r}")
+    if cfg.checkpoint_every < 0:
+        raise InversionError(f"checkpoint_every must be >= 0 (0 = no checkpoints), got {cfg.checkpoint_every}")
+    if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8):
+        raise InversionError(f"resolution must be a positive multiple of 8, got {cfg.resolution}")
+    if not cfg.lr >= 0:  # also catches NaN
+        raise InversionError(f"lr must be >= 0, got {cfg.lr}")
+    if not cfg.templates:
+        raise InversionError("give at least one caption template")
+    for tpl in cfg.templates:
+        try:
+            filled = tpl.format("\0")
+        except (IndexError, KeyError, ValueError) as err:
+            raise InversionError(f"template {tpl!r} is not a caption with one '{{}}' ({err!r})") from None
+        if filled.count("\0") != 1:
+            raise InversionError(f"template {tpl!r} must contain '{{}}' exactly once (where the concept token goes)")
 
 
 @dataclass
@@ -145,6 +169,7 @@ def invert(
 ) -> Concept:
     """Learn a Concept (N per-stage token embeddings) from one or a few reference images."""
     cfg = config or InversionConfig()
+    check_config(cfg)
     if not images:
         raise InversionError("no reference images")
     if accelerator is None:
@@ -174,10 +199,10 @@ def invert(
     captions = {(k, j): tpl.format(stage_token(cfg.placeholder, k)) for k in range(cfg.num_stages) for j, tpl in enumerate(cfg.templates)}
     rank, world = accelerator.process_index, accelerator.num_processes
     unet_dtype = pipe.unet.dtype  # a property that walks every module: read it once
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="inversion",
+               disable=not (progress and accelerator.is_main_process))
     pipe.text_encoder.set_input_embeddings(layer)
     try:
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="inversion",
-                   disable=not (progress and accelerator.is_main_process))
         for step in bar:
             d = _draw(step, cfg, len(images), stage_map, mean.shape[2:])
             mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
@@ -209,11 +234,16 @@ def invert(
                 on_step(StepLog(step, loss_all.item(), [k for k, _ in keys]))
             bar.set_postfix(loss=f"{loss_all.item():.4f}", refresh=False)
             done = step + 1
-            if ckpt is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            due = ckpt is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+            if (due or done == cfg.steps) and not torch.isfinite(layer.rows).all():  # never save or return those
+                kept = f"last good checkpoint {ckpt} kept" if ckpt and ckpt.exists() else "no checkpoint written"
+                raise InversionError(f"token embeddings became non-finite at step {step}; {kept}; lower --lr")
+            if due:
                 if accelerator.is_main_process:
                     _save(ckpt, layer, opt, done, fingerprint, cfg)
                 accelerator.wait_for_everyone()
     finally:
+        bar.close()  # ends the bar's line, so an error message starts on a line of its own
         pipe.text_encoder.set_input_embeddings(base)
     concept.embeddings = layer.rows.detach().float().cpu()
     add_concept(pipe.tokenizer, pipe.text_encoder, concept)
@@ -223,7 +253,10 @@ def invert(
 def _save(path: Path, layer: _ConceptRows, opt, step: int, fingerprint: str, cfg: InversionConfig) -> None:
     state = {"rows": layer.rows.detach(), "opt": opt.state_dict(), "step": step, "fingerprint": fingerprint,
              "config": json.loads(json.dumps(asdict(cfg), default=list))}
-    save_checkpoint(state, path)
+    try:
+        save_checkpoint(state, path)
+    except OSError as err:
+        raise InversionError(f"cannot write checkpoint {path}: {err.strerror or err}; the previous one is kept") from err
 
 
 def _resume(path: Path, fingerprint: str, layer: _ConceptRows, opt) -> int:

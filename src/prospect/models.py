@@ -104,6 +104,13 @@ _SHARED_VOCAB = CONFIG_DIR / "sd-v1" / "tokenizer"  # sd-v2 uses the same CLIP B
 
 def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Weight names and shapes of a single file, read without loading it (no code runs)."""
+    if path.suffix == ".safetensors":
+        from .concept import _sniff
+
+        with open(path, "rb") as f:
+            kind = _sniff(f.read(9), path.stat().st_size)
+        if kind:
+            raise ModelError(f"{path} is a {kind}, not safetensors; refusing to unpickle it")
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -124,7 +131,7 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _unpickling_reason(err: BaseException) -> str:
     text = str(err)
-    found = re.search(r"GLOBAL ([\w.]+) was not an allowed global", text)
+    found = re.search(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)", text)
     if found:
         return (f"it pickles {found.group(1)}, not only tensors, and unpickling that could run code; "
                 "convert it to .safetensors with a tool you trust")

@@ -136,7 +136,7 @@ class ProSpectPipeline:
     ) -> GenerationResult:
         """Generate with one prompt per stage; with ``image``, edit it (img2img, ``strength``)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        self._check(image, strength, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
+        self.check_arguments(image, strength, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
         texts = [self.stage_prompts(p, prospect_words, num_inference_steps) for p in prompts]
         do_cfg = guidance_scale > 1.0
         cond, uncond = self.encode_stages(texts, num_images_per_prompt, negative_prompt, do_cfg)
@@ -190,7 +190,8 @@ class ProSpectPipeline:
         decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
         return self.pipe.image_processor.postprocess(decoded, output_type=output_type)
 
-    def _check(self, image, strength, height, width, steps, guidance_scale, num_images) -> None:
+    @staticmethod
+    def check_arguments(image, strength, height, width, steps, guidance_scale, num_images) -> None:
         """One-line errors for bad arguments (diffusers' own checks come later and are less specific)."""
         if image is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")

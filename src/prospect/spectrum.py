@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from fractions import Fraction
 from numbers import Integral
@@ -65,6 +66,16 @@ class Edit:
 
 
 Node = Union[Text, Edit]
+
+
+_BRIEF = reprlib.Repr()  # keyword arguments need Python 3.12
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict = 2, 3, 3
+_BRIEF.maxstring = _BRIEF.maxother = _BRIEF.maxlong = 40
+
+
+def _brief(value: Any) -> str:
+    """Bounded repr of a user value: a YAML alias bomb must not be expanded just to print it."""
+    return _BRIEF.repr(value)
 
 
 def _show(text: str, limit: int = 60) -> str:
@@ -286,7 +297,7 @@ def _check_words(words: Any, prompt: str, num_stages: int, placeholders: Any, le
         elif isinstance(word, Integral) and not isinstance(word, bool):
             if not 0 <= word < num_stages:
                 raise SpectrumError(
-                    f"prospect_words[{i}] = {word} is out of range; int entries must be in [0, {num_stages})"
+                    f"prospect_words[{i}] = {_brief(word)} is out of range; int entries must be in [0, {num_stages})"
                 )
             if not learned:
                 raise SpectrumError(
@@ -299,7 +310,7 @@ def _check_words(words: Any, prompt: str, num_stages: int, placeholders: Any, le
                 )
         else:
             raise SpectrumError(
-                f"prospect_words[{i}] must be a str or an int stage index, got {type(word).__name__} {repr(word)[:40]}"
+                f"prospect_words[{i}] must be a str or an int stage index, got {type(word).__name__} {_brief(word)}"
             )
     return words
 
@@ -361,6 +372,6 @@ def load_prospect_words(path: str | Path) -> list[str | int]:
     for i, word in enumerate(data):
         if isinstance(word, bool) or not isinstance(word, (str, int)):
             raise SpectrumError(
-                f"'{path}': entry {i} must be a str or an int stage index, got {type(word).__name__} {repr(word)[:40]}"
+                f"'{path}': entry {i} must be a str or an int stage index, got {type(word).__name__} {_brief(word)}"
             )
     return data
