@@ -29,7 +29,7 @@ def workdir(tmp_path_factory):
 def trained(workdir, tiny_model_dir):
     out = workdir / "concept.safetensors"
     code = main(["train", str(workdir / "refs"), "--out", str(out), "--model", str(tiny_model_dir),
-                 "--steps", "6", "--init-word", "cat", "--checkpoint-every", "3"])
+                 "--steps", "6", "--init-word", "cat", "--checkpoint-every", "3", "--validation-every", "3"])
     assert code == 0
     return out
 
@@ -38,6 +38,8 @@ def test_train_writes_a_concept_and_a_checkpoint(trained):
     concept = Concept.load(trained)
     assert concept.num_stages == 10 and concept.dim == 32 and concept.initializer == "cat"
     assert trained.with_name("concept.ckpt.safetensors").exists()
+    validation = sorted(p.name for p in trained.with_name("concept-validation").iterdir())
+    assert validation == ["step-000003.png", "step-000006.png"]
 
 
 def test_generate_writes_pngs_with_parameters_and_a_grid(trained, tiny_model_dir, workdir, capsys):

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.safetensors if present")
     t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    t.add_argument("--validation-every", type=int, default=0, help="write a validation image every K steps (0 = never)")
+    t.add_argument("--validation-prompt", default="*", help="prompt of the validation images (default '*')")
 
     g = sub.add_parser("generate", help="generate or edit images with a prompt per stage")
     _model_args(g)
@@ -137,15 +139,32 @@ def cmd_train(args) -> None:
         lr=args.lr, batch_size=args.batch_size, resolution=args.resolution, crop=args.crop,
         templates=tuple(args.template or ("{}",)), stratified=not args.no_stratified, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
+        validation_every=args.validation_every,
     )
     check_config(cfg)
     pp = _load(args)
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
-    concept = invert(pp.pipe, images, cfg, checkpoint=ckpt, resume=args.resume)
+    concept = invert(pp.pipe, images, cfg, checkpoint=ckpt, resume=args.resume,
+                     validate=_validator(pp, args, out.with_name(out.stem + "-validation")))
     if args.model is None:
         concept.base_model = "prospect/toy-world"
     concept.save(out)
     print(f"wrote {out} ({concept.num_stages} stages x {concept.dim}, placeholder {concept.placeholder!r})")
+
+
+def _validator(pp, args, folder: Path):
+    """The callback that writes one validation image (same seed each time) during training."""
+    import torch
+
+    from .outputs import ensure_dir, save_png
+
+    def validate(step: int, concept) -> None:
+        pp.load_concept(concept)
+        gen = torch.Generator(device="cpu").manual_seed(args.seed)
+        image = pp(args.validation_prompt, num_inference_steps=25, generator=gen).images[0]
+        print(save_png(image, ensure_dir(folder) / f"step-{step:06d}.png", {"step": step, "prompt": args.validation_prompt}))
+
+    return validate
 
 
 def _words(args):

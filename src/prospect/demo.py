@@ -66,7 +66,7 @@ class DemoConfig:
     image: str | None = None  # reference image; None = a rendered toy-world scene
     seed: int = 0  # seed of the inversion and of every generation
     inversion_steps: int = 300  # inversion budget (about 2 minutes on 2 CPU cores)
-    lr: float = 1e-2  # inversion learning rate
+    lr: float = 1e-3  # inversion learning rate (toy token embeddings have norm ~0.25)
     samples: int = 4  # images per task
     num_inference_steps: int = 50  # DDIM steps
     guidance_scale: float = 5.0

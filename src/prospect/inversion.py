@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from numbers import Integral
 from pathlib import Path
 from typing import Callable, Sequence
@@ -49,6 +49,7 @@ class InversionConfig:
     stratified: bool = True  # every step (or every N/batch steps) covers all stages
     seed: int = 0  # everything random derives from it
     checkpoint_every: int = 100  # steps between checkpoints (0 = none); the most a kill can lose
+    validation_every: int = 0  # steps between calls of invert's ``validate`` callback (0 = never)
     mixed_precision: str = "no"  # "no", "fp16" or "bf16" (GPU only; CPU always runs fp32)
     extra: dict = field(default_factory=dict)  # free-form notes stored in the checkpoint
 
@@ -59,6 +60,8 @@ def check_config(cfg: InversionConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise InversionError(f"{name} must be an integer >= 1, got {value!r}")
+    if cfg.validation_every < 0:
+        raise InversionError(f"validation_every must be >= 0 (0 = never), got {cfg.validation_every}")
     if cfg.checkpoint_every < 0:
         raise InversionError(f"checkpoint_every must be >= 0 (0 = no checkpoints), got {cfg.checkpoint_every}")
     if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8):
@@ -164,6 +167,7 @@ def invert(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     on_step: Callable[[StepLog], None] | None = None,
+    validate: Callable[[int, Concept], None] | None = None,
     progress: bool = True,
     accelerator=None,
 ) -> Concept:
@@ -242,12 +246,26 @@ def invert(
                 if accelerator.is_main_process:
                     _save(ckpt, layer, opt, done, fingerprint, cfg)
                 accelerator.wait_for_everyone()
+            if validate is not None and cfg.validation_every and done % cfg.validation_every == 0:
+                if accelerator.is_main_process:
+                    _validate(validate, done, concept, layer, base, pipe)
     finally:
         bar.close()  # ends the bar's line, so an error message starts on a line of its own
         pipe.text_encoder.set_input_embeddings(base)
     concept.embeddings = layer.rows.detach().float().cpu()
     add_concept(pipe.tokenizer, pipe.text_encoder, concept)
     return concept
+
+
+def _validate(validate, step: int, concept: Concept, layer: _ConceptRows, base, pipe) -> None:
+    """Hand the current concept to ``validate`` with the plain embedding table in place (rows written)."""
+    snapshot = replace(concept, embeddings=layer.rows.detach().float().cpu())
+    pipe.text_encoder.set_input_embeddings(base)
+    try:
+        add_concept(pipe.tokenizer, pipe.text_encoder, snapshot)
+        validate(step, snapshot)
+    finally:
+        pipe.text_encoder.set_input_embeddings(layer)
 
 
 def _save(path: Path, layer: _ConceptRows, opt, step: int, fingerprint: str, cfg: InversionConfig) -> None:
