@@ -49,12 +49,12 @@ TASKS = [
     Task("reconstruction", "'*' in every stage: the reference itself", None),
     Task("content-aware", "text sets the layout in the first 2 stages (9, 8); '*' in the other 8",
          _late(8, "*", "a shape on the right"), {"position": "right"}),
-    Task("material-aware", "'*' only in the last 3 stages (2..0): its texture and colour onto a text shape",
-         _late(3, "*", "a plain blue square on the top"), {"shape": "square", "position": "top"}),
+    Task("material-aware", "'*' only in the last 5 stages (4..0), as the official example: its texture and colour "
+         "onto a text shape", _late(5, "*", "a plain blue square on the top"), {"shape": "square", "position": "top"}),
     Task("layout-aware", "'*' only in the first 2 stages (9, 8): its layout under a text appearance",
          _late(8, "a dotted green circle", "*"), {"colour": "green", "texture": "dotted"}),
-    Task("img2img edit", "the edit input (a plain blue circle on the right), strength 0.6, '*' in the last 3 stages",
-         _late(3, "*", "a plain blue circle on the right"), {"shape": "circle", "position": "right"}, img2img=True),
+    Task("img2img edit", "the edit input (a plain blue circle on the right), strength 0.6, '*' in the last 5 stages",
+         _late(5, "*", "a plain blue circle on the right"), {"shape": "circle", "position": "right"}, img2img=True),
 ]
 
 
