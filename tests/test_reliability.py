@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,7 +38,20 @@ from prospect.cli import main
 from prospect.concept import Concept
 from prospect.data import open_image
 
-BAD = Path(__file__).parent / "fixtures" / "bad_inputs"
+
+
+def _corpus() -> Path:
+    """A temporary copy of the committed corpus plus the armed pickles (which the repo does not track)."""
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+    import make_bad_inputs
+
+    dest = Path(tempfile.mkdtemp(prefix="prospect-bad-inputs-")) / "bad_inputs"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "bad_inputs", dest)
+    make_bad_inputs.armed(dest)
+    return dest
+
+
+BAD = _corpus()
 MARKER = "PROSPECT_UNPICKLED"
 SRC = Path(__file__).resolve().parents[1] / "src" / "prospect"
 OBSERVED: list[dict] = []  # (case, input, outcome, message) rows for docs/RELIABILITY.md
