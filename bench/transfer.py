@@ -1,0 +1,355 @@
+"""Attribute-transfer benchmark: ProSpect vs textual inversion on the toy world (issue #4).
+
+Run: ``python bench/transfer.py [--model DIR] [--references 20] [--steps 150] [--seeds 4] [--quick]``.
+
+For each reference (a seeded random scene) it learns a ProSpect concept (N = 10) and a textual
+inversion (N = 1, same budget), generates every task of :mod:`prospect.benchmark` with both, the
+ProSpect split sweep and the caption ceiling, reads every image back and writes ``results.json``,
+``results.md``, ``sweep.png`` and example grids to ``--out``. Concepts and readings are cached
+there under a key of the settings that made them, so a rerun resumes and never mixes settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from prospect import Concept, InversionConfig, ProSpectPipeline, invert, world
+from prospect import benchmark as bm
+from prospect.outputs import make_grid
+from prospect.world_reader import Reading, read_batch
+
+METHODS = ("prospect", "ti", "caption")
+LABEL = {"prospect": "ProSpect", "ti": "TI", "caption": "caption (model ceiling)"}
+BATCH = 64  # images per pipeline call
+EXAMPLE_REFERENCES = 3  # references whose images are also saved as a grid
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one benchmark run (the command line flags map onto these)."""
+
+    model: str | None = None  # model folder or file; None = the embedded toy-world model
+    out: Path = Path("out/transfer")
+    references: int = 20  # reference scenes (one concept of each method per reference)
+    steps: int = 150  # inversion steps, both methods
+    lr: float = 2e-3  # inversion learning rate, both methods
+    batch_size: int = 10  # inversion batch, both methods
+    initializer: str = "shape"  # names no attribute value
+    seed: int = 0  # reference scenes, text attributes, inversions and image seeds derive from it
+    seeds: int = 4  # images per reference per condition
+    num_inference_steps: int = 20  # DDIM steps
+    guidance_scale: float = 5.0
+    sweep: tuple[int, ...] = tuple(range(2, 9))  # split points k of the texture and layout sweeps
+    n_boot: int = 2000  # bootstrap resamples
+
+
+@dataclass
+class Condition:
+    """One way of generating a task: a method and, for ProSpect, the stages that get '*'."""
+
+    method: str
+    task: bm.TransferTask
+    split: bm.Split | None = None
+
+    @property
+    def key(self) -> str:
+        tail = f"/{self.split[0]}-{self.split[1]}" if self.split else ""
+        return f"{self.method}/{self.task.name}{tail}"
+
+    def prompt(self, scene: world.Scene, text: dict[str, str]) -> str:
+        if self.method == "caption":
+            return bm.describe(bm.target(scene, self.task, text))
+        if self.method == "ti":
+            return bm.composed_prompt(self.task, text)
+        return bm.editing_prompt(bm.stage_texts(self.task, text, self.split))
+
+
+def conditions(cfg: BenchConfig) -> list[Condition]:
+    out = []
+    for task in bm.TASKS:
+        out += [Condition("prospect", task, s) for s in bm.sweep_splits(task, cfg.sweep)]
+        out += [Condition("ti", task), Condition("caption", task)]
+    return out
+
+
+def reference_scene(seed: int, r: int) -> world.Scene:
+    return world.random_scene(np.random.default_rng([seed, r]))
+
+
+def texts_of(scene: world.Scene, seed: int, r: int) -> dict[str, dict[str, str]]:
+    return {t.name: bm.text_attributes(scene, t, np.random.default_rng([seed, r, i])) for i, t in enumerate(bm.TASKS)}
+
+
+def image_seeds(cfg: BenchConfig, r: int) -> list[int]:
+    """Per reference, the same seeds for every method and task (paired); other references get others."""
+    return [cfg.seed * 1_000_003 + r * 1_000 + j for j in range(cfg.seeds)]
+
+
+def model_fingerprint(pp: ProSpectPipeline) -> str:
+    """A hash of a few weight tensors: a retrained model at the same path gets a new cache."""
+    h = hashlib.sha256()
+    p = pp.pipe
+    for tensor in (p.text_encoder.get_input_embeddings().weight[:1000], p.unet.conv_in.weight,
+                   p.unet.conv_out.weight, p.vae.decoder.conv_out.weight):
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def learn(pp: ProSpectPipeline, image: Image.Image, num_stages: int, path: Path, cfg: BenchConfig) -> tuple[Concept, float]:
+    """The cached concept, or invert and cache it (resumable from its checkpoint); returns seconds spent."""
+    if path.exists():
+        return Concept.load(path), 0.0
+    start = time.time()
+    inv = InversionConfig(initializer=cfg.initializer, num_stages=num_stages, steps=cfg.steps, lr=cfg.lr,
+                          batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=50)
+    ckpt = path.with_suffix(".ckpt")
+    concept = invert(pp.pipe, [image], inv, checkpoint=ckpt, resume=True, progress=False)
+    concept.save(path)
+    ckpt.unlink(missing_ok=True)
+    return concept, time.time() - start
+
+
+def generate(pp: ProSpectPipeline, prompts: list[str], seeds: list[int], cfg: BenchConfig) -> list[Image.Image]:
+    images = []
+    for i in range(0, len(prompts), BATCH):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + BATCH]]
+        images += pp(prompts[i:i + BATCH], generator=gens, num_inference_steps=cfg.num_inference_steps,
+                     guidance_scale=cfg.guidance_scale).images
+    return images
+
+
+def run_reference(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path], todo: list[Condition]) -> tuple[dict, dict]:
+    """Readings of every condition for reference r (cached per condition), and seconds spent."""
+    scene, cache = reference_scene(cfg.seed, r), dirs["readings"] / f"ref{r:03d}.json"
+    texts = texts_of(scene, cfg.seed, r)
+    readings = json.loads(cache.read_text()) if cache.exists() else {}
+    missing = [c for c in todo if c.key not in readings]
+    seconds = {"inversion": 0.0, "generation": 0.0}
+    if not missing:
+        return readings, seconds
+    image, seeds = world.render_pil(scene), image_seeds(cfg, r)
+    examples = []
+    for method, n in (("prospect", pp.num_stages), ("ti", 1)):
+        concept, spent = learn(pp, image, n, dirs["concepts"] / f"ref{r:03d}-{method}.safetensors", cfg)
+        seconds["inversion"] += spent
+        # TI's one row repeated in every stage: one token for all timesteps, same pipeline code path.
+        pp.load_concept(Concept(placeholder="*", embeddings=concept.embeddings.expand(pp.num_stages, -1)))
+        mine = [c for c in missing if c.method == method or (method == "ti" and c.method == "caption")]
+        start = time.time()
+        prompts = [c.prompt(scene, texts[c.task.name]) for c in mine for _ in seeds]
+        images = generate(pp, prompts, seeds * len(mine), cfg)
+        seconds["generation"] += time.time() - start
+        got = read_batch(images)
+        for i, c in enumerate(mine):
+            readings[c.key] = [g.as_dict() for g in got[i * len(seeds):(i + 1) * len(seeds)]]
+            if c.split in (None, c.task.default_split):
+                examples.append((c, images[i * len(seeds):(i + 1) * len(seeds)]))
+    cache.write_text(json.dumps(readings))
+    if r < EXAMPLE_REFERENCES and examples:
+        _example_grid(scene, examples, dirs["out"] / f"examples-ref{r:03d}.png")
+    return readings, seconds
+
+
+def _example_grid(scene: world.Scene, examples, path: Path) -> None:
+    examples = sorted(examples, key=lambda e: (bm.TASKS.index(e[0].task), METHODS.index(e[0].method)))
+    cols = len(examples[0][1])
+    images = [world.render_pil(scene)] + [Image.new("RGB", (32, 32), "white")] * (cols - 1)
+    labels = ["reference"] + [""] * (cols - 1)
+    for c, ims in examples:
+        images += ims
+        labels += [f"{c.method} {c.task.name}"] + [""] * (cols - 1)
+    make_grid(images, cols=cols, labels=labels, scale=4).save(path)
+
+
+def score(all_readings: list[dict], cfg: BenchConfig, todo: list[Condition]) -> dict[str, dict[str, np.ndarray]]:
+    """Per condition: [references, images] arrays of success and of each scored attribute."""
+    out = {}
+    for c in todo:
+        arrays = {"success": [], **{a: [] for a in c.task.from_reference + c.task.from_text}}
+        for r, readings in enumerate(all_readings):
+            scene = reference_scene(cfg.seed, r)
+            wanted = bm.target(scene, c.task, texts_of(scene, cfg.seed, r)[c.task.name])
+            rows = [bm.hits(Reading(**d), wanted) for d in readings[c.key]]
+            arrays["success"].append([all(h.values()) for h in rows])
+            for a in wanted:
+                arrays[a].append([h[a] for h in rows])
+        out[c.key] = {k: np.asarray(v, dtype=bool) for k, v in arrays.items()}
+    return out
+
+
+def summarise(scores: dict, cfg: BenchConfig, todo: list[Condition]) -> dict:
+    """Rates with intervals, ProSpect - TI differences, the split sweep and the attribute ceiling."""
+    by = {c.key: c for c in todo}
+    main, diffs, sweep = {}, {}, {}
+    for task in bm.TASKS:
+        keys = {"prospect": Condition("prospect", task, task.default_split).key,
+                "ti": Condition("ti", task).key, "caption": Condition("caption", task).key}
+        main[task.name] = {m: dict(success=asdict(bm.rate(scores[k]["success"], cfg.n_boot, cfg.seed)),
+                                   attributes={a: float(v.mean()) for a, v in scores[k].items() if a != "success"})
+                           for m, k in keys.items()}
+        diffs[task.name] = asdict(bm.paired_difference(scores[keys["prospect"]]["success"], scores[keys["ti"]]["success"],
+                                                       cfg.n_boot, cfg.seed))
+        sweep[task.name] = [dict(split=list(by[k].split), default=by[k].split == task.default_split,
+                                 success=float(s["success"].mean()),
+                                 from_reference=float(np.mean([s[a] for a in task.from_reference])),
+                                 from_text=float(np.mean([s[a] for a in task.from_text])) if task.from_text else None)
+                            for k, s in scores.items() if k.startswith(f"prospect/{task.name}/")]
+    ceiling = {a: float(v.mean()) for a, v in scores["caption/reconstruction"].items() if a != "success"}
+    return dict(main=main, differences=diffs, sweep=sweep, ceiling=ceiling)
+
+
+def _ci(lo_hi) -> str:
+    return f"[{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]"
+
+
+def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
+    """The tables of results.md (also printed)."""
+    lines = [f"Attribute transfer on the toy world: {n_refs} references x {cfg.seeds} images per task; "
+             f"inversion {cfg.steps} steps, lr {cfg.lr}, batch {cfg.batch_size}, initializer '{cfg.initializer}'; "
+             f"DDIM {cfg.num_inference_steps}, CFG {cfg.guidance_scale}. 95 % intervals: Wilson over images "
+             "(assumes independent images) and bootstrap over references (the one to read).", "",
+             "| task | method | success | Wilson 95 % | bootstrap 95 % (refs) | " + " | ".join(world.ATTRIBUTES) + " |",
+             "|---|---|---|---|---|" + "---|" * len(world.ATTRIBUTES)]
+    for task, rows in summary["main"].items():
+        for method, row in rows.items():
+            s, attrs = row["success"], row["attributes"]
+            cells = [f"{attrs[a]:.2f} {'(r)' if a in bm.TASK[task].from_reference else '(t)'}" if a in attrs else ""
+                     for a in world.ATTRIBUTES]
+            lines.append(f"| {task} | {LABEL[method]} | **{s['rate']:.2f}** ({s['successes']}/{s['n']}) | "
+                         f"{_ci(s['wilson'])} | {_ci(s['bootstrap'])} | " + " | ".join(cells) + " |")
+    lines += ["", "Attribute columns: fraction of images showing the reference's (r) or the text's (t) value.", "",
+              "| task | ProSpect - TI (success) | paired bootstrap 95 % (refs) |", "|---|---|---|"]
+    for task, d in summary["differences"].items():
+        lines.append(f"| {task} | {d['mean']:+.2f} | [{d['lo']:+.2f}, {d['hi']:+.2f}] |")
+    lines += ["", "Model ceiling: attribute accuracy from the plain full caption of each reference: " +
+              ", ".join(f"{a} {v:.2f}" for a, v in summary["ceiling"].items()), "",
+              "Split sweep (ProSpect; texture: '*' in stages < k, layout: in stages >= k, colour: in [lo, hi); "
+              "stage 0 = generation ends; * = default split, fixed a priori):", "",
+              "| task | '*' stages | success | reference attrs | text attrs |", "|---|---|---|---|---|"]
+    for task, rows in summary["sweep"].items():
+        for row in rows:
+            lo, hi = row["split"]
+            text = "" if row["from_text"] is None else f"{row['from_text']:.2f}"
+            lines.append(f"| {task} | [{lo}, {hi}){' *' if row['default'] else ''} | {row['success']:.2f} | "
+                         f"{row['from_reference']:.2f} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(summary: dict, path: Path) -> None:
+    """One panel per transfer task: success, reference and text attribute rates against the split."""
+    pw, ph, m = 300, 260, 40
+    tasks = ["texture", "layout", "colour"]
+    img = Image.new("RGB", (pw * len(tasks), ph + 40), "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    series = (("success", (0, 0, 0)), ("from_reference", (40, 80, 220)), ("from_text", (230, 120, 0)))
+    for i, task in enumerate(tasks):
+        rows, ox = summary["sweep"][task], i * pw
+        xs = [(r["split"][1] if task == "texture" else r["split"][0]) for r in rows]
+        x = lambda k: ox + m + (pw - 2 * m) * k / 10  # noqa: E731
+        y = lambda v: ph - m - (ph - 2 * m) * v  # noqa: E731
+        d.rectangle([x(0), y(1), x(10), y(0)], outline="black")
+        for k in range(0, 11, 2):
+            d.text((x(k) - 3, y(0) + 4), str(k), fill="black", font=font)
+        d.text((x(5) - 3, y(0) + 16), "k", fill="black", font=font)
+        for v in (0, 0.5, 1):
+            d.text((ox + 8, y(v) - 6), f"{v:.1f}", fill="black", font=font)
+        for name, colour in (("ti", (200, 0, 0)), ("caption", (150, 150, 150))):
+            v = summary["main"][task][name]["success"]["rate"]
+            for k in np.arange(0, 10, 0.5):
+                d.line([(x(k), y(v)), (x(k + 0.25), y(v))], fill=colour, width=2)
+        dk = next(xk for xk, r in zip(xs, rows) if r["default"])
+        d.line([(x(dk), y(0)), (x(dk), y(1))], fill=(180, 180, 180))
+        for name, colour in series:
+            pts = [(x(xk), y(r[name])) for xk, r in zip(xs, rows)]
+            if len(pts) > 1:
+                d.line(pts, fill=colour, width=3 if name == "success" else 1)
+            for p in pts:
+                d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
+        what = {"texture": "'*' in stages < k", "layout": "'*' in stages >= k", "colour": "'*' in [k, k+4)"}[task]
+        d.text((ox + m, 8), f"{task}: {what}", fill="black", font=font)
+    legend = "black: success  blue: reference attrs  orange: text attrs  red dashes: TI  grey dashes: caption ceiling"
+    d.text((8, ph + 20), legend, fill="black", font=font)
+    img.save(path)
+
+
+def run(cfg: BenchConfig) -> dict:
+    """The whole benchmark: inversions, generation, scoring and the written report."""
+    start = time.time()
+    pp = ProSpectPipeline.from_pretrained(cfg.model)
+    pp.pipe.set_progress_bar_config(disable=True)
+    if pp.num_stages != 10:
+        raise ValueError("the benchmark's splits are written for N = 10 stages")
+    inv_key = _key(dict(model=model_fingerprint(pp), steps=cfg.steps, lr=cfg.lr, batch=cfg.batch_size,
+                        init=cfg.initializer, seed=cfg.seed))
+    gen_key = _key(dict(inv=inv_key, seeds=cfg.seeds, steps=cfg.num_inference_steps, cfg=cfg.guidance_scale))
+    dirs = {"out": cfg.out, "concepts": cfg.out / "concepts" / inv_key, "readings": cfg.out / "readings" / gen_key}
+    for p in dirs.values():
+        p.mkdir(parents=True, exist_ok=True)
+    todo = conditions(cfg)
+    all_readings, seconds = [], {"inversion": 0.0, "generation": 0.0}
+    for r in range(cfg.references):
+        readings, spent = run_reference(pp, r, cfg, dirs, todo)
+        all_readings.append(readings)
+        seconds = {k: seconds[k] + spent[k] for k in seconds}
+        print(f"reference {r + 1}/{cfg.references}: {reference_scene(cfg.seed, r)} "
+              f"({spent['inversion']:.0f} s inversion, {spent['generation']:.0f} s generation)", flush=True)
+    summary = summarise(score(all_readings, cfg, todo), cfg, todo)
+    seconds["total"] = time.time() - start
+    table = markdown(summary, cfg, cfg.references)
+    (cfg.out / "results.md").write_text(table, encoding="utf-8")
+    plot_sweep(summary, cfg.out / "sweep.png")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    result = dict(settings=settings, cache_keys=dict(inversion=inv_key, generation=gen_key), seconds=seconds,
+                  references=[asdict(reference_scene(cfg.seed, r)) for r in range(cfg.references)],
+                  texts=[texts_of(reference_scene(cfg.seed, r), cfg.seed, r) for r in range(cfg.references)], **summary)
+    (cfg.out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print(table)
+    print(f"time this run: {seconds['inversion']:.0f} s inversion, {seconds['generation']:.0f} s generation, "
+          f"{seconds['total']:.0f} s in all; wrote {cfg.out / 'results.md'}, results.json, sweep.png")
+    return result
+
+
+QUICK = dict(references=2, steps=20, seeds=2, num_inference_steps=10, sweep=(2, 5, 8))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="ProSpect vs textual inversion: attribute-transfer benchmark.")
+    p.add_argument("--model", default=None, help="model folder or file (default: the embedded toy-world model)")
+    p.add_argument("--out", type=Path, default=BenchConfig.out, help="output folder (also the cache)")
+    p.add_argument("--references", type=int, help="reference scenes (default 20)")
+    p.add_argument("--steps", type=int, help="inversion steps of both methods (default 150)")
+    p.add_argument("--lr", type=float, help="inversion learning rate (default 2e-3)")
+    p.add_argument("--seeds", type=int, help="images per reference per condition (default 4)")
+    p.add_argument("--num-inference-steps", type=int, help="DDIM steps (default 20)")
+    p.add_argument("--guidance-scale", type=float, help="CFG scale (default 5)")
+    p.add_argument("--sweep", help="split points k of the sweeps, comma separated (default 2..8; 0..10 adds text-only and all-stage ends)")
+    p.add_argument("--seed", type=int, help="seed of everything (default 0)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("quick",)}
+    if "sweep" in given:
+        given["sweep"] = tuple(int(k) for k in given["sweep"].split(","))
+    cfg = BenchConfig(**{**(QUICK if args.quick else {}), **given})
+    for name in ("references", "steps", "seeds", "num_inference_steps"):
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if any(not 0 <= k <= 10 for k in cfg.sweep):
+        p.error("--sweep values must lie in 0..10")
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The attribute-transfer benchmark on the toy world: tasks, prompts, scoring and statistics.
+
+Measures the claim of ProSpect (Zhang et al., 2023) that per-stage tokens let a prompt take one
+attribute of a reference (its material, its layout, its colour) and the rest from text, against
+textual inversion (TI: the same ``invert`` code with ``num_stages=1``, one token for every
+timestep, the same steps, lr, batch size, seed and initializer). ``bench/transfer.py`` runs it.
+
+Tasks (every image is read back by :mod:`prospect.world_reader`; the background is scored only
+in reconstruction, since no transfer prompt names it):
+
+* reconstruction: all five attributes match the reference;
+* texture: the reference's texture, shape/colour/position from the text;
+* layout: the reference's position and shape, colour/texture from the text;
+* colour: the reference's colour, shape/texture/position from the text.
+
+Text attributes are drawn uniformly among the values that differ from the reference's, so an
+attribute that follows the text cannot match by copying the reference and vice versa.
+
+Prompts (``*`` = the concept; both methods get the same words, seeds, DDIM steps and CFG):
+
+* the *composed* prompt is what a TI user writes: the text attributes as words, and ``*`` in the
+  slot of the attribute(s) to take from the reference, e.g. texture "a * blue square on the top",
+  colour "a dotted * square on the top", layout "a dotted green *" (``*`` stands for the shape
+  and no position is named); reconstruction is "*", the inversion's own caption.
+* TI uses the composed prompt in every stage: with one token this is all a TI user can do.
+* ProSpect uses the composed prompt in the stages that carry the attribute and the same prompt
+  without ``*`` (shape word "shape") in the others. Default stages, fixed before any run from the
+  paper's account (layout first, material last): texture ``*`` in stages 0..4 (second half of
+  generation), layout in 5..9 (first half), colour in 3..6 (the middle); reconstruction in all.
+  The split sweep (``sweep_splits``) shows how the result depends on that choice; a best split
+  picked from the sweep is selected on the test data and is optimistic.
+* The model ceiling ("caption") names the target outright, e.g. "a striped blue square on the
+  top": how often the model renders that combination at all, with no concept.
+
+So ProSpect gets exactly one extra input, the stage split, which is the method's point; its
+per-stage tokens each see 1/N of the inversion's samples, as they do at equal compute.
+
+Statistics: a success rate has two 95 % intervals, Wilson over all images (treats them as
+independent, so it is too narrow when images of one reference are correlated) and a percentile
+bootstrap over references (resamples whole references; the one to read). ProSpect - TI is
+a paired bootstrap over references of the per-reference difference in success rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import world
+from .spectrum import resolve_editing
+from .world_reader import Reading
+
+Split = tuple[int, int]  # ProSpect: the composed prompt ('*') in stages [lo, hi), plain text elsewhere
+_WORD_ORDER = ("texture", "colour", "shape")  # the order of the world's captions, then position
+
+
+@dataclass(frozen=True)
+class TransferTask:
+    """One task: which attributes come from the reference, which from the text."""
+
+    name: str
+    from_reference: tuple[str, ...]  # attributes the concept must carry
+    from_text: tuple[str, ...]  # attributes the prompt names (drawn to differ from the reference)
+    default_split: Split  # ProSpect's '*' stages, fixed a priori (N = 10)
+
+
+TASKS = (
+    TransferTask("reconstruction", world.ATTRIBUTES, (), (0, 10)),
+    TransferTask("texture", ("texture",), ("shape", "colour", "position"), (0, 5)),
+    TransferTask("layout", ("position", "shape"), ("colour", "texture"), (5, 10)),
+    TransferTask("colour", ("colour",), ("shape", "texture", "position"), (3, 7)),
+)
+TASK = {t.name: t for t in TASKS}
+COLOUR_WIDTH = 4  # stages in a colour window of the sweep
+
+
+def sweep_splits(task: TransferTask, ks: Sequence[int], n: int = 10) -> list[Split]:
+    """The splits of the stage sweep: texture '*' in stages < k, layout in stages >= k, colour windows."""
+    if task.name == "texture":
+        splits = [(0, k) for k in ks]
+    elif task.name == "layout":
+        splits = [(k, n) for k in ks]
+    elif task.name == "colour":
+        splits = [(lo, lo + COLOUR_WIDTH) for lo in range(1, n - COLOUR_WIDTH + 1, 2)]
+    else:
+        splits = []
+    splits = [s for s in splits if 0 <= s[0] <= s[1] <= n]
+    return sorted(set(splits) | {task.default_split})
+
+
+def text_attributes(reference: world.Scene, task: TransferTask, rng: np.random.Generator) -> dict[str, str]:
+    """The attributes the prompt names: each drawn uniformly among the values unlike the reference's."""
+    out = {}
+    for attr in task.from_text:
+        others = [v for v in world.CHOICES[attr] if v != getattr(reference, attr)]
+        out[attr] = others[rng.integers(len(others))]
+    return out
+
+
+def target(reference: world.Scene, task: TransferTask, text: Mapping[str, str]) -> dict[str, str]:
+    """What a successful image shows: the reference's carried attributes and the text's."""
+    return {**{a: getattr(reference, a) for a in task.from_reference}, **text}
+
+
+def describe(values: Mapping[str, str], concept: Sequence[str] = (), placeholder: str = "*") -> str:
+    """A world caption naming ``values``; the ``concept`` attributes become one placeholder at the first one's slot.
+
+    ``describe(scene.attributes()) == world.caption(scene)``; a missing shape reads "shape".
+    """
+    words, placed = ["a"], False
+    for attr in _WORD_ORDER:
+        if attr in concept:
+            if not placed:
+                words.append(placeholder)
+                placed = True
+        elif attr in values:
+            words.append(values[attr])
+        elif attr == "shape":
+            words.append("shape")
+    if "position" in concept and not placed:
+        words += ["on", "the", placeholder]
+    elif "position" in values and "position" not in concept:
+        words += ["on", "the", values["position"]]
+    text = " ".join(words)
+    if "background" in values and "background" not in concept:
+        text += f", {values['background']} background"
+    return text
+
+
+def composed_prompt(task: TransferTask, text: Mapping[str, str], placeholder: str = "*") -> str:
+    """The TI-style prompt: the text's words with the placeholder where the reference's attributes go."""
+    if not task.from_text:
+        return placeholder
+    return describe(text, task.from_reference, placeholder)
+
+
+def stage_texts(task: TransferTask, text: Mapping[str, str], split: Split, n: int = 10) -> list[str]:
+    """ProSpect's N stage texts (index 0 = generation ends): composed prompt in [lo, hi), text alone elsewhere."""
+    lo, hi = split
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"split {split} must satisfy 0 <= lo <= hi <= {n}")
+    plain = describe(text)
+    return [composed_prompt(task, text) if lo <= i < hi else plain for i in range(n)]
+
+
+def editing_prompt(texts: Sequence[str]) -> str:
+    """One prompt in A1111 editing syntax that resolves to ``texts`` (index = stage), for batched calls."""
+    n = len(texts)
+    if n == 0:
+        raise ValueError("no stage texts")
+    prompt = texts[n - 1]
+    for boundary in range(n - 1, 0, -1):  # generation runs from stage n-1 down to 0
+        if texts[boundary - 1] != texts[boundary]:  # stages >= boundary keep what came before
+            prompt = f"[{prompt}:{texts[boundary - 1]}:{(n - boundary) / n!r}]"
+    if resolve_editing(prompt, n) != list(texts):  # guards against a text with editing syntax in it
+        raise ValueError(f"stage texts {list(texts)!r} cannot be written as one editing prompt")
+    return prompt
+
+
+def hits(reading: Reading, wanted: Mapping[str, str]) -> dict[str, bool]:
+    """Per attribute of ``wanted``, whether the image shows it."""
+    return reading.matches(wanted)
+
+
+def success(reading: Reading, wanted: Mapping[str, str]) -> bool:
+    """Whether the image shows every attribute of ``wanted`` (the task's success)."""
+    return all(hits(reading, wanted).values())
+
+
+def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % for the default z)."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0, got {successes}/{n}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _per_reference(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"expected a non-empty [references, images] array, got shape {x.shape}")
+    return x.mean(axis=1)
+
+
+def bootstrap(x, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean success of a [references, images] array, resampling references."""
+    means = _per_reference(x)
+    idx = np.random.default_rng(seed).integers(0, len(means), size=(n_boot, len(means)))
+    boots = means[idx].mean(axis=1)
+    return float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+@dataclass
+class Rate:
+    """A success rate with its Wilson (images) and bootstrap (references) 95 % intervals."""
+
+    successes: int
+    n: int
+    rate: float
+    wilson: tuple[float, float]
+    bootstrap: tuple[float, float]
+
+
+def rate(x, n_boot: int = 2000, seed: int = 0) -> Rate:
+    """Summarise a [references, images] array of successes."""
+    x = np.asarray(x, dtype=bool)
+    _per_reference(x)
+    k, n = int(x.sum()), int(x.size)
+    return Rate(k, n, k / n, wilson(k, n), bootstrap(x, n_boot, seed))
+
+
+@dataclass
+class Difference:
+    """Mean per-reference difference of success rates (a - b), with a paired bootstrap 95 % interval."""
+
+    mean: float
+    lo: float
+    hi: float
+    references: int
+
+
+def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> Difference:
+    """a - b, paired by reference (row): resamples references, keeping each one's two rates together."""
+    da, db = _per_reference(a), _per_reference(b)
+    if da.shape != db.shape:
+        raise ValueError(f"a has {len(da)} references but b has {len(db)}")
+    d = da - db
+    lo, hi = bootstrap(d[:, None], n_boot, seed)
+    return Difference(float(d.mean()), lo, hi, len(d))

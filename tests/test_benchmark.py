@@ -1,0 +1,181 @@
+"""The attribute-transfer benchmark: prompts, scoring on rendered images, intervals, and a smoke run."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prospect import benchmark as bm
+from prospect import world
+from prospect.spectrum import resolve_editing
+from prospect.world_reader import read
+
+REF = world.Scene(position="left", shape="triangle", colour="red", texture="checkered", background="dark")
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "transfer.py"
+
+
+def _scores(scene: world.Scene, wanted: dict[str, str]) -> bool:
+    """Score a clean render of ``scene`` as the benchmark scores a generated image."""
+    return bm.success(read(world.render_pil(scene)), wanted)
+
+
+def test_describe_is_the_world_caption():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = world.random_scene(rng)
+        assert bm.describe(scene.attributes()) == world.caption(scene)
+    assert bm.describe({"colour": "blue"}) == "a blue shape"
+    assert bm.describe({"position": "top"}, concept=("shape",)) == "a * on the top"
+
+
+def test_composed_prompts_put_the_placeholder_in_the_attribute_slot():
+    text = {"shape": "square", "colour": "blue", "position": "top", "texture": "dotted"}
+    assert bm.composed_prompt(bm.TASK["reconstruction"], {}) == "*"
+    assert bm.composed_prompt(bm.TASK["texture"], text) == "a * blue square on the top"
+    assert bm.composed_prompt(bm.TASK["colour"], text) == "a dotted * square on the top"
+    assert bm.composed_prompt(bm.TASK["layout"], {"colour": "green", "texture": "dotted"}) == "a dotted green *"
+
+
+def test_text_attributes_always_differ_from_the_reference():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        ref = world.random_scene(rng)
+        for task in bm.TASKS:
+            text = bm.text_attributes(ref, task, rng)
+            assert set(text) == set(task.from_text)
+            assert all(text[a] != getattr(ref, a) for a in text)
+    a = bm.text_attributes(REF, bm.TASK["texture"], np.random.default_rng(7))
+    assert a == bm.text_attributes(REF, bm.TASK["texture"], np.random.default_rng(7))
+
+
+@pytest.mark.parametrize("task", bm.TASKS, ids=lambda t: t.name)
+def test_prospect_stage_texts_are_the_ti_prompt_inside_the_split_and_text_alone_outside(task):
+    text = bm.text_attributes(REF, task, np.random.default_rng(3))
+    for split in bm.sweep_splits(task, range(11)):
+        texts = bm.stage_texts(task, text, split)
+        assert len(texts) == 10
+        for i, t in enumerate(texts):
+            inside = split[0] <= i < split[1]
+            assert t == (bm.composed_prompt(task, text) if inside else bm.describe(text))
+            assert ("*" in t) == inside
+        assert resolve_editing(bm.editing_prompt(texts), 10) == texts
+    assert task.default_split in bm.sweep_splits(task, [])
+
+
+def test_default_splits_follow_the_paper_order():
+    assert bm.TASK["texture"].default_split == (0, 5)  # late stages: end of generation
+    assert bm.TASK["layout"].default_split == (5, 10)  # early stages
+    lo, hi = bm.TASK["colour"].default_split
+    assert 0 < lo < hi < 10
+    assert bm.sweep_splits(bm.TASK["texture"], [2, 8]) == [(0, 2), (0, 5), (0, 8)]
+    assert bm.sweep_splits(bm.TASK["layout"], [2, 8]) == [(2, 10), (5, 10), (8, 10)]
+
+
+def test_editing_prompt_refuses_texts_with_editing_syntax():
+    with pytest.raises(ValueError):
+        bm.editing_prompt(["a [red] circle"] * 5 + ["a circle"] * 5)
+    with pytest.raises(ValueError):
+        bm.stage_texts(bm.TASK["texture"], {}, (6, 4))
+
+
+def test_reconstruction_scores_a_render_of_the_reference():
+    wanted = bm.target(REF, bm.TASK["reconstruction"], {})
+    assert wanted == REF.attributes()
+    assert _scores(REF.with_(dx=0.7), wanted)  # the jitter is no attribute
+    for attr, value in (("texture", "plain"), ("background", "light"), ("position", "right"), ("shape", "circle")):
+        assert not _scores(REF.with_(**{attr: value}), wanted), attr
+
+
+def test_texture_transfer_needs_the_reference_texture_and_the_text_attributes():
+    task = bm.TASK["texture"]
+    text = {"shape": "square", "colour": "blue", "position": "top"}
+    wanted = bm.target(REF, task, text)
+    assert wanted == {"texture": "checkered", **text}
+    good = world.Scene(**wanted, background="light")
+    assert _scores(good, wanted)  # the background is not scored in transfer tasks
+    assert not _scores(good.with_(texture="striped"), wanted)  # texture not transferred
+    assert not _scores(good.with_(colour="red"), wanted)  # the reference's colour leaked
+    assert not _scores(REF, wanted)  # a copy of the reference fails
+    hits = bm.hits(read(world.render_pil(good.with_(colour="red"))), wanted)
+    assert hits == {"position": True, "shape": True, "colour": False, "texture": True}
+
+
+def test_layout_and_colour_transfer_scoring():
+    layout, colour = bm.TASK["layout"], bm.TASK["colour"]
+    wanted = bm.target(REF, layout, {"colour": "green", "texture": "dotted"})
+    assert _scores(world.Scene(position="left", shape="triangle", colour="green", texture="dotted"), wanted)
+    assert not _scores(world.Scene(position="right", shape="triangle", colour="green", texture="dotted"), wanted)
+    assert not _scores(REF, wanted)
+    wanted = bm.target(REF, colour, {"shape": "circle", "texture": "plain", "position": "bottom"})
+    assert _scores(world.Scene(position="bottom", shape="circle", colour="red", texture="plain"), wanted)
+    assert not _scores(world.Scene(position="bottom", shape="circle", colour="blue", texture="plain"), wanted)
+
+
+def test_wilson_interval_known_values():
+    # Newcombe (1998), Stat. Med. 17:857, example 81/263 -> 0.2553 to 0.3662.
+    assert bm.wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert bm.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert bm.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert bm.wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    with pytest.raises(ValueError):
+        bm.wilson(3, 0)
+
+
+def test_bootstrap_resamples_references_deterministically():
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 4)) < np.linspace(0.1, 0.9, 20)[:, None]
+    assert bm.bootstrap(x, seed=5) == bm.bootstrap(x, seed=5)
+    lo, hi = bm.bootstrap(x, seed=5)
+    assert lo < x.mean() < hi
+    assert bm.bootstrap(np.ones((6, 3)), seed=1) == (1.0, 1.0)
+    r = bm.rate(x)
+    assert (r.successes, r.n, r.rate) == (int(x.sum()), 80, x.mean())
+    # Resampling whole references is wider than Wilson's independent images when references differ.
+    x = np.repeat(np.arange(20)[:, None] % 2 == 0, 4, axis=1)
+    r = bm.rate(x)
+    assert r.bootstrap[1] - r.bootstrap[0] > r.wilson[1] - r.wilson[0]
+    with pytest.raises(ValueError):
+        bm.rate(np.ones(5, dtype=bool))
+
+
+def test_paired_difference_keeps_each_references_pair_together():
+    rng = np.random.default_rng(1)
+    b = np.zeros((12, 4), dtype=bool)
+    for i, k in enumerate(rng.integers(0, 3, 12)):
+        b[i, :k] = True
+    a = b.copy()
+    a[:, 3] = True  # each reference gains exactly one success of four: +0.25 everywhere
+    d = bm.paired_difference(a, b, seed=3)
+    assert (d.mean, d.lo, d.hi, d.references) == pytest.approx((0.25, 0.25, 0.25, 12))
+    assert bm.paired_difference(a, b, seed=3) == d
+    assert bm.paired_difference(b, b).mean == 0.0
+    with pytest.raises(ValueError):
+        bm.paired_difference(a, b[:5])
+
+
+def _script_main():
+    """``main`` of bench/transfer.py (a script, not a package module)."""
+    return runpy.run_path(str(SCRIPT), run_name="bench_transfer")["main"]
+
+
+def test_transfer_script_smoke_run_writes_results_and_resumes(tmp_path):
+    """The script end to end on the embedded model with a minute budget (numbers are meaningless)."""
+    main = _script_main()
+    argv = ["--references", "1", "--steps", "2", "--seeds", "1", "--num-inference-steps", "2", "--sweep", "5",
+            "--out", str(tmp_path / "t")]
+    result = main(argv)
+    for name in ("results.json", "results.md", "sweep.png", "examples-ref000.png"):
+        assert (tmp_path / "t" / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert set(saved["main"]) == {t.name for t in bm.TASKS}
+    assert set(saved["main"]["texture"]) == {"prospect", "ti", "caption"}
+    assert saved["differences"]["layout"]["references"] == 1
+    assert "| texture | ProSpect |" in (tmp_path / "t" / "results.md").read_text()
+    assert result["seconds"]["inversion"] > 0
+    again = main(argv)  # everything comes from the cache
+    assert again["seconds"]["inversion"] == 0 and again["seconds"]["generation"] == 0
+    assert again["main"] == result["main"]
