@@ -1,7 +1,7 @@
 """The embedded model's architecture: SD-format components, sized for a 2-core CPU.
 
 32x32 RGB images -> a 2x autoencoder -> 16x16x4 latents (SD's 4 latent channels), a UNet with
-cross-attention at 16x16 and 8x8 (text must steer layout at high noise), and a 3-layer CLIP
+four levels and cross-attention at 16x16, 8x8 and 4x4 (text must steer layout at high noise), and a 3-layer CLIP
 text encoder over the world's own BPE vocabulary. v-prediction, as Stable Diffusion 2.x: with
 epsilon prediction a tiny model learns almost no layout from text at high noise
 (shared/reference/TOY_MODEL_TRIAL.md).
@@ -14,7 +14,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 TEXT_DIM = 128  # hidden size of the text encoder = UNet cross-attention dim = concept dim
 LATENT_SIZE = 16
-# Stable Diffusion's training schedule, unchanged, so that stages mean what they mean on SD.
+# Stable Diffusion's training schedule (same betas, same 1000 timesteps, so stage k covers the same
+# t as on SD); build_schedulers rescales it to zero terminal SNR (Lin et al. 2024): with SD's
+# schedule the last timestep still leaks the image, and the first model learned to take the
+# object's position from the initial noise instead of from the text.
 SCHEDULE = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -41,14 +44,19 @@ def build_vae() -> AutoencoderKL:
 
 
 def build_unet() -> UNet2DConditionModel:
-    """The denoiser over 16x16x4 latents, conditioned on the text at 16x16 and 8x8."""
+    """The denoiser over 16x16x4 latents: four levels down to 2x2, as SD's 64 -> 8, with text at 16, 8, 4.
+
+    The 2x2 bottleneck is what lets the text place the object: there every position is a corner
+    that the convolutions' zero padding tells apart. With three levels (down to 4x4) the first model
+    drew the object wherever the noise put it, whatever the caption said.
+    """
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(48, 96, 96),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(48, 96, 96, 96),
         layers_per_block=1,
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=8,
@@ -72,8 +80,17 @@ def build_text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_schedulers() -> tuple[DDPMScheduler, DDIMScheduler]:
-    """Training noise schedule and the default sampler (DDIM, SD's settings)."""
+def build_schedulers(zero_snr: bool = True) -> tuple[DDPMScheduler, DDIMScheduler]:
+    """Training noise schedule and the default sampler (DDIM).
+
+    With ``zero_snr`` the betas are rescaled so that t = 999 is pure noise, and the sampler starts
+    there ("trailing" spacing); without it, SD's settings unchanged.
+    """
+    if zero_snr:
+        train = DDPMScheduler(**SCHEDULE, clip_sample=False, rescale_betas_zero_snr=True)
+        sample = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False,
+                               rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        return train, sample
     train = DDPMScheduler(**SCHEDULE, clip_sample=False)
     sample = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return train, sample

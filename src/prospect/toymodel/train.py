@@ -37,13 +37,18 @@ class ToyTrainConfig:
     vae_lr: float = 2e-3  # AdamW learning rate of the autoencoder
     vae_kl_weight: float = 1e-6  # KL weight, as Stable Diffusion's autoencoder
     bank_size: int = 40000  # random scenes encoded once into latents for the UNet phase
-    unet_steps: int = 2400  # UNet + text encoder optimisation steps
+    unet_steps: int = 1800  # UNet + text encoder optimisation steps
     unet_batch: int = 48  # latents per UNet step
     unet_lr: float = 1e-3  # AdamW peak learning rate (linear warm-up, cosine decay)
     warmup: int = 200  # warm-up steps of the UNet phase
     ema_decay: float = 0.999  # the shipped UNet/text encoder are the EMA weights
     p_uncond: float = 0.1  # caption dropout, so classifier-free guidance works
     p_omit: float = 0.15  # each attribute left out of a caption with this probability
+    zero_snr: bool = True  # rescale SD's betas to zero terminal SNR (see architecture.build_schedulers)
+    high_t_fraction: float = 0.25  # share of each batch drawn from t >= high_t_from (layout is learned there)
+    high_t_from: int = 800
+    eval_every: int = 300  # steps between quick accuracy checks of the EMA model (0 = never)
+    eval_captions: int = 40  # captions per quick check (DDIM 20 steps, CFG 5)
     checkpoint_every: int = 200  # steps between checkpoints (the most a kill can lose)
     max_minutes: float = 0.0  # stop (after a checkpoint) when this much time is used; 0 = no limit
     threads: int = 0  # torch threads; 0 = torch's default
@@ -140,7 +145,7 @@ def train_unet(cfg: ToyTrainConfig, bank: dict, tokenizer, work: Path):
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    noise_sched, _ = architecture.build_schedulers()
+    noise_sched, _ = architecture.build_schedulers(cfg.zero_snr)
     start = 0
     if ckpt.exists():
         s = load_checkpoint(ckpt)
@@ -159,7 +164,7 @@ def train_unet(cfg: ToyTrainConfig, bank: dict, tokenizer, work: Path):
         ids = tokenizer(_captions(codes[idx], rng, cfg), padding="max_length", truncation=True,
                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(x0),), generator=gen)
+        t = _timesteps(cfg, len(x0), noise_sched.config.num_train_timesteps, gen)
         noisy = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
         warm = min(1.0, (step + 1) / cfg.warmup)
@@ -183,10 +188,47 @@ def train_unet(cfg: ToyTrainConfig, bank: dict, tokenizer, work: Path):
             state = {"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
                      "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step + 1}
             save_checkpoint(state, ckpt)
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and step + 1 > start:
+            scores = quick_accuracy(cfg, bank, tokenizer, ema_unet, ema_text)
+            line = {"step": step + 1, "loss": round(loss.item(), 4), **scores}
+            with open(work / "eval.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+            tqdm.write("eval " + json.dumps(line))
         if out_of_time:
             print(f"stopping at step {step + 1}: --max-minutes reached (resume to continue)")
             break
     return ema_unet.eval(), ema_text.eval()
+
+
+def _timesteps(cfg: ToyTrainConfig, n: int, total: int, gen: torch.Generator) -> torch.Tensor:
+    """Uniform timesteps, with a share ``high_t_fraction`` redrawn from [high_t_from, total)."""
+    t = torch.randint(0, total, (n,), generator=gen)
+    high = torch.randint(cfg.high_t_from, total, (n,), generator=gen)
+    pick = torch.rand(n, generator=gen) < cfg.high_t_fraction
+    return torch.where(pick, high, t)
+
+
+@torch.no_grad()
+def quick_accuracy(cfg: ToyTrainConfig, bank: dict, tokenizer, unet, text) -> dict[str, float]:
+    """Attribute accuracy of the current EMA model on a few fixed captions (a learning curve)."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..world_reader import read_batch
+
+    vae = bank["vae"]
+    vae.register_to_config(scaling_factor=float(bank["scaling_factor"]))
+    _, sampler = architecture.build_schedulers(cfg.zero_snr)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=sampler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng([cfg.seed, 5])
+    scenes = [world.random_scene(rng) for _ in range(cfg.eval_captions)]
+    out = pipe([world.caption(s) for s in scenes], num_inference_steps=20, guidance_scale=5.0, height=32,
+               width=32, generator=torch.Generator().manual_seed(cfg.seed), output_type="np").images
+    readings = read_batch(list((out * 255).round().astype(np.uint8)))
+    return {a: round(float(np.mean([r.matches(s)[a] for r, s in zip(readings, scenes)])), 3)
+            for a in world.ATTRIBUTES}
 
 
 def export(vae, unet, text, tokenizer, scaling_factor: float, out: Path, cfg: ToyTrainConfig, minutes: float) -> None:
@@ -194,7 +236,7 @@ def export(vae, unet, text, tokenizer, scaling_factor: float, out: Path, cfg: To
     from diffusers import StableDiffusionPipeline
 
     vae.register_to_config(scaling_factor=scaling_factor)
-    _, sampler = architecture.build_schedulers()
+    _, sampler = architecture.build_schedulers(cfg.zero_snr)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sampler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -204,12 +246,21 @@ def export(vae, unet, text, tokenizer, scaling_factor: float, out: Path, cfg: To
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the embedded toy-world model from scratch (resumable).")
     parser.add_argument("--work", type=Path, default=Path("runs/toy-model"), help="state folder (resume here)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the diffusers model folder")
     for name, value in asdict(ToyTrainConfig()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        kind = _flag if isinstance(value, bool) else type(value)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     args = parser.parse_args(argv)
     cfg = ToyTrainConfig(**{k: getattr(args, k) for k in asdict(ToyTrainConfig())})
     if cfg.threads:
@@ -221,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(args.work / "tokenizer"))
     vae = train_vae(cfg, args.work)
     bank = encode_bank(cfg, vae, args.work)
+    bank["vae"] = vae
     unet, text = train_unet(cfg, bank, tokenizer, args.work)
     export(vae, unet, text, tokenizer, float(bank["scaling_factor"]), args.out, cfg, (time.time() - start) / 60)
     print(f"model written to {args.out}")
