@@ -7,6 +7,7 @@ ends with one line on stderr ("prospect: error: ...") and exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ DEFAULT_MODEL_HELP = "a diffusers folder or a .ckpt/.safetensors file (default: 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
     p.add_argument("--model-config", default=None, help="config folder for a single-file model (default: shipped SD 1.x/2.x)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: this process's GPU if any)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="weights dtype (default: float32 on CPU, float16 on GPU)")
 
@@ -31,6 +32,25 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--placeholder", default="*", help="the word prompts use for the concept (default *)")
+    p.add_argument("--init-word", default="object", help="initializer word (default 'object')")
+    p.add_argument("--stages", type=int, default=10, help="number of stages N (default 10)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--batch-size", type=int, default=10, help="samples per step (default 10; train: over all processes)")
+    p.add_argument("--resolution", type=int, default=None, help="training size (default: the model's)")
+    p.add_argument("--crop", choices=("center", "none"), default="center")
+    p.add_argument("--template", action="append", default=None, help="caption template with {} (repeatable; default '{}')")
+    p.add_argument("--no-stratified", action="store_true", help="draw stages at random instead of covering all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.safetensors if present")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--validation-every", type=int, default=0, help="write a validation image every K steps (0 = never)")
+    p.add_argument("--validation-prompt", default="*", help="prompt of the validation images (default '*')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prospect", description="ProSpect: per-stage textual inversion and prompt-spectrum generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,22 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("images", nargs="+", help="image files or folders")
     t.add_argument("--out", required=True, help="concept file to write (.safetensors)")
     _model_args(t)
-    t.add_argument("--placeholder", default="*", help="the word prompts use for the concept (default *)")
-    t.add_argument("--init-word", default="object", help="initializer word (default 'object')")
-    t.add_argument("--stages", type=int, default=10, help="number of stages N (default 10)")
-    t.add_argument("--steps", type=int, default=500)
-    t.add_argument("--lr", type=float, default=5e-3)
-    t.add_argument("--batch-size", type=int, default=10)
-    t.add_argument("--resolution", type=int, default=None, help="training size (default: the model's)")
-    t.add_argument("--crop", choices=("center", "none"), default="center")
-    t.add_argument("--template", action="append", default=None, help="caption template with {} (repeatable; default '{}')")
-    t.add_argument("--no-stratified", action="store_true", help="draw stages at random instead of covering all")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-every", type=int, default=100)
-    t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.safetensors if present")
-    t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    t.add_argument("--validation-every", type=int, default=0, help="write a validation image every K steps (0 = never)")
-    t.add_argument("--validation-prompt", default="*", help="prompt of the validation images (default '*')")
+    _train_args(t)
+
+    m = sub.add_parser("train-many", help="learn several concepts, spread over the processes of a launch")
+    m.add_argument("jobs", help="JSON list of jobs: {\"images\": [...], \"out\": \"x.safetensors\", other train options}")
+    _model_args(m)
+    _train_args(m)  # defaults for every job; a job's own keys override them
 
     g = sub.add_parser("generate", help="generate or edit images with a prompt per stage")
     _model_args(g)
@@ -65,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--image", default=None, help="input image for img2img")
     g.add_argument("--strength", type=float, default=0.6, help="img2img strength in [0, 1]")
-    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--num-images", type=int, default=1, help="image k uses seed + k (default 1)")
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="images per pipeline call (default 1); the images do not depend on the number of processes")
     g.add_argument("--out", default="prospect-out", help="output folder")
     _sampling_args(g)
 
@@ -111,10 +123,11 @@ def _quiet() -> None:
 def _load(args):
     import torch
 
+    from .distributed import launch_state
     from .models import load_pipeline, make_scheduler
     from .pipeline import ProSpectPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or str(launch_state().device)  # under a launcher: this process's GPU
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     pipe = load_pipeline(args.model, torch_dtype=dtype, config=args.model_config)
     if getattr(args, "scheduler", None):
@@ -123,10 +136,11 @@ def _load(args):
     return ProSpectPipeline(pipe).to(device)
 
 
-def cmd_train(args) -> None:
+def _train_job(args):
+    """Read the images and check the settings of one training run, before any model loads."""
     from .concept import Concept  # noqa: F401  (import errors surface before the model loads)
     from .data import find_images, open_image
-    from .inversion import InversionConfig, check_config, invert
+    from .inversion import InversionConfig, check_config
 
     images = [open_image(p) for p in find_images(args.images)]
     out = Path(args.out)
@@ -142,14 +156,129 @@ def cmd_train(args) -> None:
         validation_every=args.validation_every,
     )
     check_config(cfg)
+    return images, out, cfg
+
+
+def _train(args, images, out: Path, cfg, accelerator=None):
+    """Load the model and invert (data-parallel over the launch's processes unless ``accelerator`` says otherwise)."""
+    from .inversion import invert
+
     pp = _load(args)
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
-    concept = invert(pp.pipe, images, cfg, checkpoint=ckpt, resume=args.resume,
+    concept = invert(pp.pipe, images, cfg, checkpoint=ckpt, resume=args.resume, accelerator=accelerator,
                      validate=_validator(pp, args, out.with_name(out.stem + "-validation")))
     if args.model is None:
         concept.base_model = "prospect/toy-world"
+    return concept
+
+
+def _write_concept(concept, out: Path) -> None:
     concept.save(out)
     print(f"wrote {out} ({concept.num_stages} stages x {concept.dim}, placeholder {concept.placeholder!r})")
+
+
+def cmd_train(args) -> None:
+    from .distributed import Solo, launch_state
+
+    images, out, cfg = _train_job(args)
+    state = launch_state()
+    if cfg.batch_size % state.num_processes:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {state.num_processes} processes")
+    # launched: data-parallel over the processes (invert's Accelerator); alone: on --device
+    solo = Solo(args.device or state.device, cfg.mixed_precision) if state.num_processes == 1 else None
+    concept = _train(args, images, out, cfg, accelerator=solo)
+    if state.is_main_process:  # every process holds the same result
+        _write_concept(concept, out)
+    state.wait_for_everyone()  # no process returns before the concept exists
+
+
+class _JobParser(argparse.ArgumentParser):
+    """Reads one entry of a job list: errors are raised (and prefixed with the job), not printed with a usage."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _read_jobs(args) -> list[tuple[str, argparse.Namespace]]:
+    """(name, namespace) per job of the list: the command line's options, with the job's own keys instead."""
+    path = Path(args.jobs)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read job list {path}: {getattr(err, 'strerror', None) or err}") from None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a non-empty JSON list of jobs")
+    parser = _JobParser(prog="job", add_help=False)
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--out", required=True)
+    _train_args(parser)
+    defaults = vars(parser.parse_args(["-", "--out", "-"]))  # every option a job may set, with its default
+    jobs, outs = [], {}
+    for number, entry in enumerate(entries, 1):
+        name = f"{path} job {number}"
+        try:
+            job = _parse_job(entry, args, parser, defaults)
+            clash = outs.setdefault(Path(job.out).resolve(), number)
+            if clash != number:
+                raise ValueError(f"writes {job.out}, as job {clash} does")
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        jobs.append((name, job))
+    return jobs
+
+
+def _parse_job(entry, args, parser: argparse.ArgumentParser, defaults: dict) -> argparse.Namespace:
+    """Parse a job's keys (the ``train`` options, '-' or '_') as ``prospect train`` parses its flags."""
+    if not isinstance(entry, dict) or "images" not in entry or "out" not in entry:
+        raise ValueError('a job must be a JSON object with "images" and "out"')
+    images = [entry["images"]] if isinstance(entry["images"], str) else entry["images"]
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+        raise ValueError('"images" must be a file or folder name, or a non-empty list of them')
+    argv, given = [], set()
+    for key, value in entry.items():
+        dest = key.replace("-", "_")
+        if dest == "images":
+            continue
+        if dest not in defaults:
+            raise ValueError(f"unknown key {key!r} (the keys are the options of prospect train; the model is set "
+                             "for all jobs on the command line)")
+        given.add(dest)
+        flag = "--" + dest.replace("_", "-")
+        values = value if isinstance(value, list) and dest == "template" else [value]
+        for v in values:
+            if isinstance(v, bool) and defaults[dest] is False:  # an on/off option
+                argv += [flag] if v else []
+            elif v is not None:  # null: the option's default
+                if isinstance(v, (bool, list, dict)):
+                    raise ValueError(f"{key}: expected a single value, got {json.dumps(v)}")
+                argv.append(f"{flag}={v}")
+    namespace = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in given})
+    return parser.parse_args(argv + ["--", *images], namespace=namespace)
+
+
+def cmd_train_many(args) -> None:
+    from .distributed import Solo, launch_state, shard
+    from .inversion import InversionError
+
+    checked = []
+    for name, job in _read_jobs(args):  # every job is checked before any model loads
+        try:
+            checked.append((name, job, *_train_job(job)))
+        except (ValueError, InversionError, OSError) as err:
+            raise ValueError(f"{name}: {err}") from None
+    state, failed = launch_state(), []
+    mine = shard(checked, state.process_index, state.num_processes)
+    for name, job, images, out, cfg in mine:
+        try:  # a job that fails is reported, and the others go on
+            # Solo: the jobs are independent, so no process averages its gradients with another's
+            solo = Solo(job.device or state.device, cfg.mixed_precision)
+            _write_concept(_train(job, images, out, cfg, accelerator=solo), out)
+        except (ValueError, InversionError, OSError) as err:
+            failed.append(name)
+            print(f"prospect: error: {name}: {str(err).splitlines()[0]}", file=sys.stderr)
+    state.wait_for_everyone()  # no process returns before every concept exists
+    if failed:
+        raise InversionError(f"{len(failed)} of the {len(mine)} jobs of this process failed")
 
 
 def _validator(pp, args, folder: Path):
@@ -193,10 +322,9 @@ def _load_concepts(pp, paths, concepts=None) -> list:
 
 
 def cmd_generate(args) -> None:
-    import torch
-
     from .concept import Concept
     from .data import open_image
+    from .distributed import generate_share, launch_state
     from .models import SCHEDULERS
     from .outputs import ensure_dir, make_grid, save_png
     from .pipeline import ProSpectPipeline
@@ -218,18 +346,30 @@ def cmd_generate(args) -> None:
         raise ValueError(f"--strength {args.strength} with --steps {args.steps} denoises nothing; raise either")
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     pp = _load(args)
     _load_concepts(pp, args.concept, concepts)
     folder = ensure_dir(args.out)
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    result = pp(args.prompt, prospect_words=words, image=image, strength=args.strength, height=args.height,
-                width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images, generator=gen)
-    params = dict(result.parameters, seed=args.seed, model=args.model or "embedded toy-world",
-                  concept_files=args.concept, stage_prompts=result.stage_prompts[0])
-    for k, im in enumerate(result.images):
-        print(save_png(im, folder / f"{args.seed}-{k:03d}.png", dict(params, index=k)))
-    print(save_png(make_grid(result.images), folder / f"{args.seed}-grid.png", params))
+    state = launch_state()
+    paths = [folder / f"{args.seed}-{k:03d}.png" for k in range(args.num_images)]
+    own, params = {}, None  # the images this process made
+    for first, result in generate_share(pp, args.num_images, args.seed, state, args.batch_size, prompt=args.prompt,
+                                        prospect_words=words, image=image, strength=args.strength, height=args.height,
+                                        width=args.width, num_inference_steps=args.steps,
+                                        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt):
+        params = dict(result.parameters, seed=args.seed, model=args.model or "embedded toy-world",
+                      concept_files=args.concept, stage_prompts=result.stage_prompts[0], batch_size=args.batch_size)
+        for k, im in enumerate(result.images, first):
+            save_png(im, paths[k], dict(params, index=k, generator_seed=args.seed + k))
+            own[k] = im
+    state.wait_for_everyone()  # every process's images are written
+    if state.is_main_process:  # process 0 made image 0, so it has the parameters
+        for path in paths:
+            print(path)
+        images = [own[k] if k in own else open_image(path) for k, path in enumerate(paths)]
+        print(save_png(make_grid(images), folder / f"{args.seed}-grid.png", params))
+    state.wait_for_everyone()  # no process returns before the grid exists
 
 
 def cmd_visualize(args) -> None:
@@ -284,7 +424,7 @@ def cmd_demo(args) -> None:
     print(f"figure: {report.figure}\nreport: {report.html}")
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "visualize": cmd_visualize, "export": cmd_export,
+COMMANDS = {"train": cmd_train, "train-many": cmd_train_many, "generate": cmd_generate, "visualize": cmd_visualize, "export": cmd_export,
             "info": cmd_info, "demo": cmd_demo}
 
 

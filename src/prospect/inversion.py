@@ -171,7 +171,11 @@ def invert(
     progress: bool = True,
     accelerator=None,
 ) -> Concept:
-    """Learn a Concept (N per-stage token embeddings) from one or a few reference images."""
+    """Learn a Concept (N per-stage token embeddings) from one or a few reference images.
+
+    ``accelerator`` (default: a new ``accelerate.Accelerator``) spreads each step's global batch
+    over the launch's processes; ``prospect.distributed.Solo(device)`` keeps this run to one process.
+    """
     cfg = config or InversionConfig()
     check_config(cfg)
     if not images:

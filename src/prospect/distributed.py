@@ -1,0 +1,93 @@
+"""Several processes in one job (``accelerate launch`` or ``torchrun``): who does which part.
+
+ProSpect uses them three ways:
+
+- inversion is data-parallel: :func:`prospect.inversion.invert` draws the global batch of step s
+  from (seed, s), each process takes its slice and the concept rows' gradients are averaged, so
+  the result equals one process's run with the same global batch;
+- generation and independent training jobs are sharded round-robin (item i goes to process
+  i % world) and each item is computed exactly as a single process computes it; results meet in
+  the output folder (files), nothing is pickled between processes;
+- independent jobs train with :class:`Solo`, so no process averages its gradients with another
+  process's unrelated concept.
+
+Without a launcher everything here describes one process, and nothing communicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Iterator, Sequence, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from .pipeline import GenerationResult
+
+T = TypeVar("T")
+
+
+def launch_state():
+    """This process's place in the launch (``accelerate.PartialState``); one process when not launched."""
+    from accelerate import PartialState
+
+    # accelerate only treats a CPU launch as distributed (gloo) when told cpu=True
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
+    """The items of process ``rank`` out of ``world``: item i goes to process i % world."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"process {rank} of {world} does not exist")
+    return list(items[rank::world])
+
+
+def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image: image k draws from seed + k, whichever process makes it."""
+    return [torch.Generator(device="cpu").manual_seed(seed + k) for k in indices]
+
+
+def generate_share(pp, num_images: int, seed: int, state=None, batch_size: int = 1, **call) -> Iterator[tuple[int, GenerationResult]]:
+    """This process's part of a ``num_images`` run: (first index, result) per call of ``batch_size`` images.
+
+    The calls are the same whatever the number of processes (call c makes images
+    c*batch_size ... with their own generators) and call c runs on process c % world, so every
+    image equals the one a single process makes. ``call`` takes the pipeline's other arguments.
+    """
+    if num_images < 1 or batch_size < 1:
+        raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    calls = [range(k, min(k + batch_size, num_images)) for k in range(0, num_images, batch_size)]
+    for ks in shard(calls, rank, world):
+        yield ks[0], pp(num_images_per_prompt=len(ks), generator=image_generators(seed, ks), **call)
+
+
+class Solo:
+    """The part of ``accelerate.Accelerator`` that :func:`~prospect.inversion.invert` uses, for this process alone.
+
+    Inside a launch, ``Accelerator()`` would average gradients over all processes; independent
+    jobs (``prospect train-many``) pass ``Solo(device)`` instead, which never communicates.
+    """
+
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+    def __init__(self, device: str | torch.device = "cpu", mixed_precision: str = "no"):
+        self.device = torch.device(device)
+        if mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+        # as accelerate: autocast on GPUs only, CPU always runs fp32
+        self.mixed_precision = mixed_precision if self.device.type == "cuda" else "no"
+
+    def autocast(self):
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.mixed_precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return tensor
+
+    def wait_for_everyone(self) -> None:
+        pass
