@@ -18,6 +18,18 @@ SHIPPED_TOKENIZER = CONFIG_DIR / "sd-v1" / "tokenizer"
 TINY_DIM = 32  # text hidden size = UNet cross-attention dim
 
 
+def write_reference_images(folder: Path, n: int = 2) -> Path:
+    """``folder/refs/r0.png ...``: n random 24x20 RGB images (odd size on purpose), fixed seed."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "refs").mkdir()
+    for k in range(n):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(folder / "refs" / f"r{k}.png")
+    return folder / "refs"
+
+
 def build_tiny_pipeline(tokenizer_dir: Path, prediction_type: str = "epsilon", seed: int = 0):
     """A random-weight SD-1.x-shaped pipeline small enough to run in milliseconds on a CPU."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -14,14 +13,13 @@ from prospect.cli import main
 from prospect.concept import Concept
 from prospect.outputs import read_parameters
 
+from conftest import write_reference_images
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    rng = np.random.default_rng(0)
-    (d / "refs").mkdir()
-    for k in range(2):
-        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(d / "refs" / f"r{k}.png")
+    write_reference_images(d)
     return d
 
 

@@ -20,6 +20,8 @@ from prospect.cli import main
 from prospect.concept import Concept
 from prospect.distributed import Solo, generate_share, shard
 
+from conftest import write_reference_images
+
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 DRIVER = """import json, sys
 from prospect.cli import main
@@ -59,10 +61,7 @@ def _job_argv(job: dict, folder: str) -> list[str]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("distributed")
-    rng = np.random.default_rng(0)
-    (d / "refs").mkdir()
-    for k in range(2):
-        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(d / "refs" / f"r{k}.png")
+    write_reference_images(d)
     (d / "jobs.json").write_text(json.dumps([dict(j, out=j["out"].format(dir="two")) for j in JOBS]))
     for sub in ("two", "one"):
         (d / sub).mkdir()

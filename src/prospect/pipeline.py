@@ -1,17 +1,18 @@
 """Prompt-spectrum generation: a different prompt per denoising stage, txt2img and img2img.
 
 Implements the sampling side of ProSpect (Zhang et al., 2023): stage ``stage(t)`` of the
-timestep being evaluated picks that stage's conditioning. Every stage prompt is encoded once
-per call; the denoising loop reuses the stock diffusers pipelines' own helpers (latent
-preparation, scheduler handling, decoding), so with one prompt in every stage the output
-equals ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` for the same seed.
+timestep being evaluated picks that stage's conditioning. The stage prompts that the call's
+timesteps reach are encoded once per call, in one text-encoder batch; the denoising loop reuses
+the stock diffusers pipelines' own helpers (latent preparation, scheduler handling, decoding), so
+with one prompt in every stage the output equals ``StableDiffusionPipeline`` /
+``StableDiffusionImg2ImgPipeline`` for the same seed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
@@ -105,17 +106,22 @@ class ProSpectPipeline:
         num_images_per_prompt: int,
         negative_prompt: str | None,
         do_cfg: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Encode every distinct stage text once: ([N, B, L, D] positive, [B, L, D] negative)."""
-        unique = sorted({t for per_prompt in texts for t in per_prompt})
+        stages: Iterable[int] | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """The UNet's ``encoder_hidden_states`` of each stage (``stages``, default all): [B, L, D], or
+        [2B, L, D] = (negative, positive) under guidance. Each distinct text is encoded once, in one batch."""
+        stages = sorted(set(range(self.num_stages) if stages is None else stages))
+        unique = sorted({per_prompt[k] for per_prompt in texts for k in stages})  # texts of unused stages are skipped
         if do_cfg:  # the negative prompt rides in the same text-encoder batch
             unique.append(negative_prompt or "")
         embeds, _ = self.pipe.encode_prompt(unique, self.device, 1, False)
         index = {t: i for i, t in enumerate(unique[: len(unique) - do_cfg])}
-        rows = [torch.stack([embeds[index[per_prompt[k]]] for per_prompt in texts]) for k in range(self.num_stages)]
-        stacked = torch.stack(rows).repeat_interleave(num_images_per_prompt, dim=1)  # [N, B, L, D]
-        negative = embeds[-1:].expand(stacked.shape[1], -1, -1) if do_cfg else None
-        return stacked, negative
+        conditioning = {}
+        for k in stages:  # built once per call, so the denoising loop only looks them up
+            rows = [index[per_prompt[k]] for per_prompt in texts]
+            cond = embeds[rows].repeat_interleave(num_images_per_prompt, dim=0)
+            conditioning[k] = torch.cat([embeds[-1:].expand_as(cond), cond]) if do_cfg else cond
+        return conditioning
 
     @torch.no_grad()
     def __call__(
@@ -139,18 +145,17 @@ class ProSpectPipeline:
         self.check_arguments(image, strength, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
         texts = [self.stage_prompts(p, prospect_words, num_inference_steps) for p in prompts]
         do_cfg = guidance_scale > 1.0
-        cond, uncond = self.encode_stages(texts, num_images_per_prompt, negative_prompt, do_cfg)
-        batch = cond.shape[1]
-        latents, timesteps = self._initial_latents(image, strength, height, width, num_inference_steps, batch, cond.dtype, generator)
+        timesteps = self._timesteps(image, strength, num_inference_steps)
+        stages = self.stage_map.stages(timesteps)
+        conditioning = self.encode_stages(texts, num_images_per_prompt, negative_prompt, do_cfg, stages)
+        dtype = conditioning[stages[0]].dtype
+        latents = self._initial_latents(image, height, width, timesteps, len(prompts) * num_images_per_prompt,
+                                        dtype, generator)
         extra = self.pipe.prepare_extra_step_kwargs(generator, eta)
-        stages: list[int] = []
-        for t in self.pipe.progress_bar(timesteps):
-            stage = self.stage_map.stage(t)
-            stages.append(stage)
-            embeds = torch.cat([uncond, cond[stage]]) if do_cfg else cond[stage]
+        for i, t in enumerate(self.pipe.progress_bar(timesteps)):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = self.pipe.scheduler.scale_model_input(model_in, t)
-            pred = self.pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            pred = self.pipe.unet(model_in, t, encoder_hidden_states=conditioning[stages[i]], return_dict=False)[0]
             if do_cfg:
                 pred_uncond, pred_text = pred.chunk(2)
                 pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
@@ -165,23 +170,27 @@ class ProSpectPipeline:
         )
         return GenerationResult(images, texts, [int(t) for t in timesteps], stages, params)
 
-    def _initial_latents(self, image, strength, height, width, steps, batch, dtype, generator):
-        """Noise (txt2img) or the noised image (img2img) and the timesteps to denoise, as diffusers does."""
-        sched = self.pipe.scheduler
-        sched.set_timesteps(steps, device=self.device)
+    def _timesteps(self, image, strength: float, steps: int) -> torch.Tensor:
+        """The timesteps to denoise: all (txt2img) or the last ``strength`` share (img2img), as diffusers."""
+        self.pipe.scheduler.set_timesteps(steps, device=self.device)
         if image is None:
-            height = height or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-            width = width or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-            latents = self.pipe.prepare_latents(
-                batch, self.pipe.unet.config.in_channels, height, width, dtype, self.device, generator, None
-            )
-            return latents, sched.timesteps
-        pixels = self.img2img.image_processor.preprocess(image, height=height, width=width)
+            return self.pipe.scheduler.timesteps
         timesteps, _ = self.img2img.get_timesteps(steps, strength, self.device)
         if len(timesteps) == 0:
             raise ValueError(f"strength {strength} with {steps} steps denoises nothing; raise strength or steps")
-        latents = self.img2img.prepare_latents(pixels, timesteps[:1].repeat(batch), batch, 1, dtype, self.device, generator)
-        return latents, timesteps
+        return timesteps
+
+    def _initial_latents(self, image, height, width, timesteps, batch, dtype, generator) -> torch.Tensor:
+        """Noise (txt2img) or the image noised to the first timestep (img2img), as diffusers does."""
+        if image is None:
+            height = height or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            width = width or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            return self.pipe.prepare_latents(
+                batch, self.pipe.unet.config.in_channels, height, width, dtype, self.device, generator, None
+            )
+        pixels = self.img2img.image_processor.preprocess(image, height=height, width=width)
+        start = timesteps[:1].repeat(batch)
+        return self.img2img.prepare_latents(pixels, start, batch, 1, dtype, self.device, generator)
 
     def _decode(self, latents: torch.Tensor, generator, output_type: str):
         if output_type == "latent":

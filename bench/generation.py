@@ -1,0 +1,156 @@
+"""Generation cost: ProSpectPipeline with ten distinct stage prompts vs stock StableDiffusionPipeline.
+
+Both run in this one process on the same model, seed, scheduler (DDIM), steps, guidance and
+batch, interleaved (A B, B A, ...) after a warm-up; the table gives medians, ranges and the
+ratio, on the wall clock and in process CPU time. ProSpect encodes the stage prompts that the
+call's timesteps reach (all ten at 50 steps) plus the negative prompt. Forward hooks on the text
+encoder and the UNet (supported PyTorch extension points) count their calls and time the text
+encoding. Usage (from the repository root):
+
+    python bench/generation.py            # embedded toy model and random-weight SD 1.5 at 512 px
+    python bench/generation.py --quick    # smoke run, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from diffusers import DDIMScheduler
+
+import common
+from prospect.pipeline import ProSpectPipeline
+
+
+@dataclass
+class Setting:
+    """One benchmarked configuration."""
+
+    model: str  # 'toy', 'sd15' or a folder
+    size: int | None  # pixels; None = the model's default
+    steps: int  # DDIM steps
+    batch: int  # images per call (num_images_per_prompt)
+    guidance: float = 5.0  # classifier-free guidance scale
+    repeats: int = 5  # timed calls of each pipeline
+
+
+PRESETS = {
+    "toy": Setting("toy", None, 50, 4, repeats=5),
+    "sd15": Setting("sd15", 512, 3, 1, repeats=3),
+}
+QUICK = Setting("toy", None, 8, 2, repeats=2)
+
+
+class Probe:
+    """Counts a module's calls and input rows and sums their wall time, via forward (pre-)hooks."""
+
+    def __init__(self, module: torch.nn.Module, device: str):
+        self.device, self.calls, self.rows, self.seconds, self._start = device, 0, 0, 0.0, 0.0
+        self.handles = [module.register_forward_pre_hook(self._before), module.register_forward_hook(self._after)]
+
+    def _before(self, module, args):
+        common.sync(self.device)
+        self.calls += 1
+        self.rows += args[0].shape[0] if args else 0
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, output):
+        common.sync(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+    def take(self) -> tuple[int, int, float]:
+        """(calls, rows, seconds) since the last take."""
+        out = (self.calls, self.rows, self.seconds)
+        self.calls, self.rows, self.seconds = 0, 0, 0.0
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class Counts:
+    """What the probes saw during one pipeline call."""
+
+    text_calls: int  # text-encoder forward calls
+    text_rows: int  # sequences encoded
+    text_seconds: float  # wall time inside the text encoder
+    unet_calls: int
+    unet_seconds: float  # wall time inside the UNet
+
+
+def run_setting(s: Setting, device: str, dtype: torch.dtype, seed: int) -> None:
+    began = time.perf_counter()
+    pipe = common.load_model(s.model, device, dtype)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prospect = ProSpectPipeline(pipe)
+    size = s.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    kwargs = dict(height=size, width=size, guidance_scale=s.guidance, num_images_per_prompt=s.batch)
+    gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731  (CPU generator, as diffusers' docs)
+    contenders = {
+        "stock": lambda steps: pipe(common.STAGE_PROMPTS[0], num_inference_steps=steps, generator=gen(), **kwargs),
+        "prospect": lambda steps: prospect("*", prospect_words=common.STAGE_PROMPTS, num_inference_steps=steps,
+                                           generator=gen(), **kwargs),
+    }
+    common.interleaved({k: (lambda f=f: f(1)) for k, f in contenders.items()}, 1, device)  # warm-up
+    text, unet = Probe(pipe.text_encoder, device), Probe(pipe.unet, device)
+    counts: dict[str, list[Counts]] = {name: [] for name in contenders}
+
+    def read(name: str) -> None:
+        unet_calls, _, unet_seconds = unet.take()
+        counts[name].append(Counts(*text.take(), unet_calls, unet_seconds))
+
+    times = common.interleaved({k: (lambda f=f: f(s.steps)) for k, f in contenders.items()}, s.repeats, device, read)
+    text.remove()
+    unet.remove()
+    _report(s, size, device, times, counts)
+    print(f"\n({s.model}: {time.perf_counter() - began:.0f} s in all, model loading included)")
+
+
+def _report(s: Setting, size: int, device: str, times: dict, counts: dict[str, list[Counts]]) -> None:
+    med, spread = statistics.median, common.Spread.of
+    stock, ours = times["stock"], times["prospect"]
+    text_s, text_p = ([c.text_seconds for c in counts[k]] for k in ("stock", "prospect"))
+    paired = [p / q for p, q in zip(ours.wall, stock.wall)]
+    without_text = [(p - tp) / (q - tq) for p, q, tp, tq in zip(ours.wall, stock.wall, text_p, text_s)]
+    outside = {k: [w - c.text_seconds - c.unet_seconds for w, c in zip(times[k].wall, counts[k])] for k in counts}
+    once = {k: counts[k][0] for k in counts}  # calls and rows are the same in every repeat
+    rows = [
+        ("wall time per call, s: median [min-max]", spread(stock.wall).fmt(), spread(ours.wall).fmt()),
+        ("CPU time per call, s: median [min-max]", spread(stock.cpu).fmt(), spread(ours.cpu).fmt()),
+        ("text-encoder calls per call", once["stock"].text_calls, once["prospect"].text_calls),
+        ("text-encoder sequences per call", once["stock"].text_rows, once["prospect"].text_rows),
+        ("text-encoder wall time, s (median)", f"{med(text_s):.4f}", f"{med(text_p):.4f}"),
+        ("text-encoder share of the call", common.percent(med(text_s), med(stock.wall)),
+         common.percent(med(text_p), med(ours.wall))),
+        ("UNet calls per call", once["stock"].unet_calls, once["prospect"].unet_calls),
+        ("wall time outside text encoder and UNet, s (median)", f"{med(outside['stock']):.4f}",
+         f"{med(outside['prospect']):.4f}"),
+        ("ratio prospect/stock, wall (medians)", "", f"{med(ours.wall) / med(stock.wall):.4f}"),
+        ("ratio prospect/stock, CPU time (medians)", "", f"{med(ours.cpu) / med(stock.cpu):.4f}"),
+        ("paired wall ratio: median [min-max]", "", spread(paired).fmt(4)),
+        ("paired wall ratio without text encoding", "", spread(without_text).fmt(4)),
+    ]
+    title = (f"generation: {s.model}, {size}x{size} px, {s.steps} DDIM steps, CFG {s.guidance}, batch {s.batch}, "
+             f"10 distinct stage prompts, {device}")
+    common.print_table(title, ("figure", "stock diffusers", "ProSpect"), rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    common.setup(args)
+    print(common.machine(args.device))
+    print(f"dtype {args.dtype}; target: ratio <= 1.02")
+    for s in common.settings(args, PRESETS, QUICK):
+        run_setting(replace(s, repeats=args.repeats or s.repeats), args.device, common.DTYPES[args.dtype], args.seed)
+    print(f"\n{common.load_average()} at the end")
+
+
+if __name__ == "__main__":
+    main()

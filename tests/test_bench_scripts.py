@@ -1,0 +1,72 @@
+"""The benchmark scripts' --quick mode on a tiny model: the tables are complete and the ratios finite.
+
+No timing is asserted (timings belong to the benchmarks, on a quiet machine).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture()
+def bench(monkeypatch):
+    """Import a script of bench/ as the scripts import each other (bench/ on the path)."""
+    import diffusers
+    import transformers
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    levels = diffusers.utils.logging.get_verbosity(), transformers.logging.get_verbosity()
+    yield importlib.import_module
+    diffusers.utils.logging.set_verbosity(levels[0])  # the scripts quieten the libraries' logs
+    transformers.logging.set_verbosity(levels[1])
+    diffusers.utils.logging.enable_progress_bar()
+    transformers.logging.enable_progress_bar()
+
+
+def _row(out: str, label: str) -> list[str]:
+    """The cells after the label of the table row that starts with ``label``."""
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no row {label!r} in:\n{out}")
+
+
+def _number(cell: str) -> float:
+    return float(cell.split()[0].rstrip("x%").lstrip("+"))
+
+
+def test_generation_quick_prints_counts_and_a_finite_ratio(bench, tiny_model_dir, capsys):
+    bench("generation").main(["--quick", "--model", str(tiny_model_dir)])
+    out = capsys.readouterr().out
+    assert out.startswith("machine: CPU ") and "torch threads" in out
+    assert _row(out, "text-encoder calls per call") == ["2", "1"]  # stock: prompt, negative; ProSpect: one batch
+    stock_rows, prospect_rows = map(int, _row(out, "text-encoder sequences per call"))
+    assert stock_rows == 2 and 3 <= prospect_rows <= 11  # the stages the 8 steps reach, and the negative
+    assert _row(out, "UNet calls per call") == ["8", "8"]
+    for label in ("ratio prospect/stock, wall (medians)", "ratio prospect/stock, CPU time (medians)",
+                  "paired wall ratio: median [min-max]", "paired wall ratio without text encoding"):
+        ratio = _number(_row(out, label)[-1])
+        assert math.isfinite(ratio) and ratio > 0, label
+
+
+def test_inversion_quick_prints_ratio_memory_and_levers(bench, tiny_model_dir, capsys):
+    bench("inversion").main(["--quick", "--model", str(tiny_model_dir)])
+    out = capsys.readouterr().out
+    for label in ("ratio invert/irreducible, wall (medians)", "ratio invert/irreducible, CPU time (medians)"):
+        ratio = _number(_row(out, label)[0])
+        assert math.isfinite(ratio) and ratio > 0, label
+    memory = _row(out, "peak memory above resting, MiB: median [min-max]")
+    assert len(memory) == 2 and all(math.isfinite(_number(c)) for c in memory)
+    assert _number(_row(out, "model FLOPs per step (counted), GFLOP")[-1]) > 0
+    assert "UNet attention processors: AttnProcessor2_0" in out
+    for lever in ("classic attention (AttnProcessor, no SDPA)", "channels_last UNet",
+                  "weight gradients computed (not frozen)"):
+        assert math.isfinite(_number(_row(out, lever)[-1])), lever
+    assert _row(out, "torch.compile(unet)")[0].startswith("not measured")
