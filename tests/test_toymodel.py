@@ -69,3 +69,36 @@ def test_generated_images_follow_their_captions(toy):
     assert acc["position"] >= 0.8, acc  # chance is 0.2; the first model (three UNet levels) was at chance
     assert acc["colour"] >= 0.8 and acc["texture"] >= 0.8 and acc["background"] >= 0.8, acc
     assert acc["shape"] >= 0.45, acc  # chance is 0.33; see the model card for the 200-caption figure
+
+
+TINY_RECIPE = ["--vae-steps", "2", "--vae-batch", "2", "--bank-size", "6", "--unet-steps", "3", "--unet-batch", "2",
+               "--warmup", "1", "--eval-every", "0", "--checkpoint-every", "1", "--threads", "1"]
+
+
+def _weights(folder, part: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(next((folder / part).glob("*.safetensors")))
+
+
+def test_recipe_resumes_to_the_same_weights_and_continues_from_a_model(tmp_path):
+    """The training recipe on tiny settings: an interrupted run resumed equals an uninterrupted one,
+    and ``--init-from`` keeps the given model's autoencoder and warm-starts its UNet."""
+    from prospect.checkpoint import load_checkpoint
+    from prospect.toymodel.train import main
+
+    main(["--work", str(tmp_path / "whole"), "--out", str(tmp_path / "whole-model"), *TINY_RECIPE])
+    main(["--work", str(tmp_path / "cut"), "--out", str(tmp_path / "cut-model"), *TINY_RECIPE, "--max-minutes", "1e-9"])
+    assert int(load_checkpoint(tmp_path / "cut" / "unet.ckpt.safetensors")["step"]) == 1  # it did stop early
+    main(["--work", str(tmp_path / "cut"), "--out", str(tmp_path / "cut-model"), *TINY_RECIPE])
+    whole, cut = _weights(tmp_path / "whole-model", "unet"), _weights(tmp_path / "cut-model", "unet")
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+    main(["--work", str(tmp_path / "more"), "--out", str(tmp_path / "more-model"), *TINY_RECIPE, "--seed", "1",
+          "--init-from", str(tmp_path / "whole-model")])
+    vae_a, vae_b = _weights(tmp_path / "whole-model", "vae"), _weights(tmp_path / "more-model", "vae")
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    more = _weights(tmp_path / "more-model", "unet")
+    assert not all(torch.equal(whole[k], more[k]) for k in whole)
+    scale = lambda d: json.loads((d / "vae" / "config.json").read_text())["scaling_factor"]  # noqa: E731
+    assert scale(tmp_path / "more-model") == scale(tmp_path / "whole-model")

@@ -52,6 +52,7 @@ class ToyTrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (the most a kill can lose)
     max_minutes: float = 0.0  # stop (after a checkpoint) when this much time is used; 0 = no limit
     threads: int = 0  # torch threads; 0 = torch's default
+    init_from: str = ""  # a model folder to continue from: its autoencoder is kept, UNet + text warm-start
 
 
 def _batch_images(rng: np.random.Generator, n: int) -> torch.Tensor:
@@ -67,7 +68,10 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def train_vae(cfg: ToyTrainConfig, work: Path) -> "architecture.AutoencoderKL":
-    """Phase 1: the autoencoder (MSE + L1 + a small KL), resumable."""
+    """Phase 1: the autoencoder (MSE + L1 + a small KL), resumable; taken as is with ``init_from``."""
+    if cfg.init_from:
+        vae = architecture.AutoencoderKL.from_pretrained(cfg.init_from, subfolder="vae")
+        return vae.eval().requires_grad_(False)
     ckpt = work / "vae.ckpt.safetensors"
     torch.manual_seed(cfg.seed)
     vae = architecture.build_vae()
@@ -116,8 +120,12 @@ def encode_bank(cfg: ToyTrainConfig, vae, work: Path) -> dict:
         latents.append(vae.encode(x).latent_dist.mean)
     lat = torch.cat(latents)
     scale = 1.0 / lat.std().item()  # Stable Diffusion's scaling_factor, measured the same way
+    if cfg.init_from:  # the continued UNet was trained on the first model's scale
+        scale = float(vae.config.scaling_factor)
     codes = torch.tensor([[world.CHOICES[a].index(getattr(s, a)) for a in world.ATTRIBUTES] for s in scenes])
-    bank = {"latents": lat * scale, "codes": codes, "scaling_factor": scale}
+    # contiguous, as a reloaded bank is: the encoder's output has channels-last strides, and conv
+    # kernels round differently on them, so a resumed run would not equal an uninterrupted one
+    bank = {"latents": (lat * scale).contiguous(), "codes": codes, "scaling_factor": scale}
     save_checkpoint(bank, path)
     return bank
 
@@ -142,6 +150,9 @@ def train_unet(cfg: ToyTrainConfig, bank: dict, tokenizer, work: Path):
     torch.manual_seed(cfg.seed + 1)
     unet = architecture.build_unet()
     text = architecture.build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if cfg.init_from:
+        unet.load_state_dict(architecture.UNet2DConditionModel.from_pretrained(cfg.init_from, subfolder="unet").state_dict())
+        text.load_state_dict(architecture.CLIPTextModel.from_pretrained(cfg.init_from, subfolder="text_encoder").state_dict())
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
@@ -177,7 +188,7 @@ def train_unet(cfg: ToyTrainConfig, bank: dict, tokenizer, work: Path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        decay = cfg.ema_decay if cfg.init_from else min(cfg.ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay)
         _ema_update(ema_text, text, decay)
         if step % 10 == 0:
