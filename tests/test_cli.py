@@ -74,6 +74,14 @@ def test_visualize_writes_a_labelled_grid(trained, tiny_model_dir, workdir):
     assert grid.width == 10 * 16 and read_parameters(out / "stages-0.png")["labels"][0] == "s9 only"
 
 
+def test_visualize_honours_height_and_width(trained, tiny_model_dir, workdir):
+    out = workdir / "vis-size"
+    assert main(["visualize", "--model", str(tiny_model_dir), "--concept", str(trained), "--steps", "2",
+                 "--height", "24", "--width", "32", "--out", str(out)]) == 0
+    grid = Image.open(out / "stages-0.png")
+    assert grid.width == 10 * 32 and grid.height > 2 * 24  # two rows of 32x24 images, plus labels
+
+
 def test_export_both_formats_and_info(trained, workdir, capsys):
     assert main(["export", str(trained), "--format", "diffusers", "--out", str(workdir / "ti")]) == 0
     assert len(list((workdir / "ti").glob("*.safetensors"))) == 10

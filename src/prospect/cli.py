@@ -7,7 +7,6 @@ ends with one line on stderr ("prospect: error: ...") and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -192,76 +191,14 @@ def cmd_train(args) -> None:
     state.wait_for_everyone()  # no process returns before the concept exists
 
 
-class _JobParser(argparse.ArgumentParser):
-    """Reads one entry of a job list: errors are raised (and prefixed with the job), not printed with a usage."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
-def _read_jobs(args) -> list[tuple[str, argparse.Namespace]]:
-    """(name, namespace) per job of the list: the command line's options, with the job's own keys instead."""
-    path = Path(args.jobs)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read job list {path}: {getattr(err, 'strerror', None) or err}") from None
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: expected a non-empty JSON list of jobs")
-    parser = _JobParser(prog="job", add_help=False)
-    parser.add_argument("images", nargs="+")
-    parser.add_argument("--out", required=True)
-    _train_args(parser)
-    defaults = vars(parser.parse_args(["-", "--out", "-"]))  # every option a job may set, with its default
-    jobs, outs = [], {}
-    for number, entry in enumerate(entries, 1):
-        name = f"{path} job {number}"
-        try:
-            job = _parse_job(entry, args, parser, defaults)
-            clash = outs.setdefault(Path(job.out).resolve(), number)
-            if clash != number:
-                raise ValueError(f"writes {job.out}, as job {clash} does")
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
-        jobs.append((name, job))
-    return jobs
-
-
-def _parse_job(entry, args, parser: argparse.ArgumentParser, defaults: dict) -> argparse.Namespace:
-    """Parse a job's keys (the ``train`` options, '-' or '_') as ``prospect train`` parses its flags."""
-    if not isinstance(entry, dict) or "images" not in entry or "out" not in entry:
-        raise ValueError('a job must be a JSON object with "images" and "out"')
-    images = [entry["images"]] if isinstance(entry["images"], str) else entry["images"]
-    if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
-        raise ValueError('"images" must be a file or folder name, or a non-empty list of them')
-    argv, given = [], set()
-    for key, value in entry.items():
-        dest = key.replace("-", "_")
-        if dest == "images":
-            continue
-        if dest not in defaults:
-            raise ValueError(f"unknown key {key!r} (the keys are the options of prospect train; the model is set "
-                             "for all jobs on the command line)")
-        given.add(dest)
-        flag = "--" + dest.replace("_", "-")
-        values = value if isinstance(value, list) and dest == "template" else [value]
-        for v in values:
-            if isinstance(v, bool) and defaults[dest] is False:  # an on/off option
-                argv += [flag] if v else []
-            elif v is not None:  # null: the option's default
-                if isinstance(v, (bool, list, dict)):
-                    raise ValueError(f"{key}: expected a single value, got {json.dumps(v)}")
-                argv.append(f"{flag}={v}")
-    namespace = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in given})
-    return parser.parse_args(argv + ["--", *images], namespace=namespace)
-
-
 def cmd_train_many(args) -> None:
     from .distributed import Solo, launch_state, shard
     from .inversion import InversionError
 
     checked = []
-    for name, job in _read_jobs(args):  # every job is checked before any model loads
+    from .jobs import read_jobs
+
+    for name, job in read_jobs(Path(args.jobs), args, _train_args):  # all checked before any model loads
         try:
             checked.append((name, job, *_train_job(job)))
         except (ValueError, InversionError, OSError) as err:
@@ -382,7 +319,7 @@ def cmd_visualize(args) -> None:
     (concept,) = _load_concepts(pp, [args.concept])
     folder = ensure_dir(args.out)
     vis = visualize(pp, concept.placeholder, seed=args.seed, num_inference_steps=args.steps,
-                    guidance_scale=args.guidance_scale, scale=args.scale)
+                    guidance_scale=args.guidance_scale, scale=args.scale, height=args.height, width=args.width)
     print(save_png(vis.grid, folder / f"stages-{args.seed}.png", {"labels": vis.labels, "prospect_words": vis.stage_words}))
 
 

@@ -43,8 +43,10 @@ def visualize(
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     scale: int = 1,
+    height: int | None = None,
+    width: int | None = None,
 ) -> Visualization:
-    """Generate the probe grid for a loaded concept."""
+    """Generate the probe grid for a loaded concept (images of ``height`` x ``width``, default the model's size)."""
     if placeholder not in pipe.concepts:
         raise ValueError(f"no concept with placeholder {placeholder!r} is loaded")
     n = pipe.num_stages
@@ -53,7 +55,7 @@ def visualize(
     for entry in words:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         out = pipe("*", prospect_words=entry, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, generator=gen)
+                   guidance_scale=guidance_scale, generator=gen, height=height, width=width)
         images.append(out.images[0])
     labels = [f"s{i} only" for i in reversed(range(n))] + [f"s{n - 1}..s{i}" for i in reversed(range(n))]
     grid = make_grid(images, cols=n, labels=labels, scale=scale)
