@@ -194,10 +194,9 @@ def cmd_train(args) -> None:
 def cmd_train_many(args) -> None:
     from .distributed import Solo, launch_state, shard
     from .inversion import InversionError
-
-    checked = []
     from .jobs import read_jobs
 
+    checked = []
     for name, job in read_jobs(Path(args.jobs), args, _train_args):  # all checked before any model loads
         try:
             checked.append((name, job, *_train_job(job)))
