@@ -20,11 +20,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import world
+from ..checkpoint import atomic_write
 from ..pipeline import ProSpectPipeline
 from ..world_reader import read
 
 COLOURS = {"position": (220, 40, 40), "shape": (40, 140, 60), "colour": (40, 80, 220), "texture": (200, 150, 0),
            "background": (120, 120, 120)}
+READABLE_FIT = 0.5  # template IoU of a readable object (clean renders 1.0; broken images seen 0.04-0.22)
 
 
 def _generate(pp: ProSpectPipeline, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 50):
@@ -73,21 +75,29 @@ def _opposite_pairs(n: int, seed: int) -> list[tuple[world.Scene, world.Scene]]:
 
 
 def spectrum_probe(pp: ProSpectPipeline, pairs: int = 16, seed: int = 0, steps: int = 50,
-                   guidance: float = 5.0) -> dict[str, list[float]]:
-    """For k = 0..N: fraction of images whose attribute follows A when A holds stages >= k."""
+                   guidance: float = 5.0) -> tuple[dict[str, list[float]], list[float]]:
+    """For k = 0..N: fraction of images whose attribute follows A when A holds stages >= k.
+
+    Also returns, per k, the fraction of images that are readable: one object whose mask matches
+    a shape template with IoU >= ``READABLE_FIT``. A late switch between captions that differ in
+    everything (background included) can leave a broken image, whose attributes the reader still
+    names but which follows neither caption in any useful sense.
+    """
     n = pp.num_stages
     scene_pairs = _opposite_pairs(pairs, seed)
     follows = {a: [] for a in world.ATTRIBUTES}
+    readable = []
     for k in range(n + 1):
         prompts = []
         for a, b in scene_pairs:
             ca, cb = world.caption(a), world.caption(b)
             prompts.append(ca if k == 0 else cb if k == n else f"[{ca}:{cb}:{(n - k) / n}]")
-        images = _generate(pp, prompts, seed, steps, guidance)
+        readings = [read(im) for im in _generate(pp, prompts, seed, steps, guidance)]
         for attr in world.ATTRIBUTES:
-            got = [getattr(read(im), attr) == getattr(a, attr) for im, (a, _) in zip(images, scene_pairs)]
+            got = [getattr(r, attr) == getattr(a, attr) for r, (a, _) in zip(readings, scene_pairs)]
             follows[attr].append(float(np.mean(got)))
-    return follows
+        readable.append(float(np.mean([r.fit >= READABLE_FIT for r in readings])))
+    return follows, readable
 
 
 def decided_at(curve: list[float]) -> float:
@@ -98,7 +108,7 @@ def decided_at(curve: list[float]) -> float:
     return float("nan")
 
 
-def plot_spectrum(follows: dict[str, list[float]], path: Path) -> None:
+def plot_spectrum(follows: dict[str, list[float]], path: Path, readable: list[float] | None = None) -> None:
     """A line chart: x = switch stage k, y = fraction following A (drawn with PIL, no matplotlib)."""
     w, h, m = 640, 360, 48
     img = Image.new("RGB", (w, h), "white")
@@ -118,7 +128,11 @@ def plot_spectrum(follows: dict[str, list[float]], path: Path) -> None:
         pts = [(x(k), y(v)) for k, v in enumerate(curve)]
         d.line(pts, fill=COLOURS[attr], width=3)
         d.text((w - m - 90, m + 8 + 14 * i), attr, fill=COLOURS[attr], font=font)
-    img.save(path)
+    if readable is not None:  # dotted black: the share of images that show a readable object
+        for k, v in enumerate(readable):
+            d.ellipse([x(k) - 3, y(v) - 3, x(k) + 3, y(v) + 3], fill="black")
+        d.text((w - m - 90, m + 8 + 14 * len(follows)), "readable (dots)", fill="black", font=font)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,22 +149,22 @@ def main(argv: list[str] | None = None) -> None:
     pp.pipe.set_progress_bar_config(disable=True)
     acc = generation_accuracy(pp, args.captions, steps=args.steps, guidance=args.guidance_scale)
     psnr = autoencoder_psnr(pp.pipe.vae)
-    follows = spectrum_probe(pp, args.pairs, steps=args.steps, guidance=args.guidance_scale)
+    follows, readable = spectrum_probe(pp, args.pairs, steps=args.steps, guidance=args.guidance_scale)
     print(f"| attribute accuracy ({args.captions} captions, DDIM {args.steps}, CFG {args.guidance_scale}) | value |")
     print("|---|---|")
     for attr, v in acc.items():
         print(f"| {attr} | {v:.3f} |")
     print(f"| autoencoder PSNR (500 held-out renders) | {psnr:.2f} dB |\n")
-    print("| k (A in stages >= k) | " + " | ".join(world.ATTRIBUTES) + " |")
-    print("|---" * (len(world.ATTRIBUTES) + 1) + "|")
-    for k in range(len(follows["position"])):
-        print(f"| {k} | " + " | ".join(f"{follows[a][k]:.2f}" for a in world.ATTRIBUTES) + " |")
+    print("| k (A in stages >= k) | " + " | ".join(world.ATTRIBUTES) + " | readable |")
+    print("|---" * (len(world.ATTRIBUTES) + 2) + "|")
+    for k in range(len(readable)):
+        print(f"| {k} | " + " | ".join(f"{follows[a][k]:.2f}" for a in world.ATTRIBUTES) + f" | {readable[k]:.2f} |")
     decided = {a: decided_at(c) for a, c in follows.items()}
     print("\ndecided at stage (A/B crossing): " + ", ".join(f"{a} {v:.1f}" for a, v in decided.items()))
-    plot_spectrum(follows, args.out / "spectrum.png")
-    result = dict(accuracy=acc, psnr=psnr, spectrum=follows, decided_at=decided, captions=args.captions,
+    plot_spectrum(follows, args.out / "spectrum.png", readable)
+    result = dict(accuracy=acc, psnr=psnr, spectrum=follows, readable=readable, decided_at=decided, captions=args.captions,
                   pairs=args.pairs, steps=args.steps, guidance_scale=args.guidance_scale)
-    (args.out / "quality.json").write_text(json.dumps(result, indent=1))
+    atomic_write(args.out / "quality.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
 
 
 if __name__ == "__main__":
