@@ -16,10 +16,10 @@ from PIL import Image
 RESOLUTION = 32  # pixels; see the model card for why 32 (and not 64)
 
 POSITIONS: dict[str, tuple[float, float]] = {  # name -> (x, y) centre in pixels
-    "left": (8.5, 16.0),
-    "right": (23.5, 16.0),
-    "top": (16.0, 8.5),
-    "bottom": (16.0, 23.5),
+    "left": (9.0, 16.0),
+    "right": (23.0, 16.0),
+    "top": (16.0, 9.0),
+    "bottom": (16.0, 23.0),
     "center": (16.0, 16.0),
 }
 SHAPES = ("circle", "square", "triangle")
@@ -45,7 +45,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 # The second tone of a textured object: half way from the colour to white.
 TINT_MIX = 0.5
-HALF_SIZE = 6.0  # half the object's extent in pixels
+HALF_SIZE = 8.0  # half the object's extent in pixels (a 16 px object: see the model card)
 JITTER = 1.0  # +- pixels of random offset of the object's centre
 
 
@@ -94,8 +94,8 @@ def shape_mask(shape: str, cx: float, cy: float, size: int = RESOLUTION) -> np.n
     if shape == "circle":
         return u * u + v * v <= h * h
     if shape == "square":
-        s = h - 0.75  # equal area feel next to the circle
-        return (np.abs(u) <= s) & (np.abs(v) <= s)
+        # As wide as the circle: its corners, 3 px beyond the circle, are what tells them apart.
+        return (np.abs(u) <= h) & (np.abs(v) <= h)
     if shape == "triangle":  # apex up, base at the bottom
         inside_y = (v >= -h) & (v <= h)
         half_width = (v + h) / 2.0 * (h + 0.5) / h

@@ -37,7 +37,7 @@ class ToyTrainConfig:
     vae_lr: float = 2e-3  # AdamW learning rate of the autoencoder
     vae_kl_weight: float = 1e-6  # KL weight, as Stable Diffusion's autoencoder
     bank_size: int = 40000  # random scenes encoded once into latents for the UNet phase
-    unet_steps: int = 1800  # UNet + text encoder optimisation steps
+    unet_steps: int = 2400  # UNet + text encoder optimisation steps
     unet_batch: int = 48  # latents per UNet step
     unet_lr: float = 1e-3  # AdamW peak learning rate (linear warm-up, cosine decay)
     warmup: int = 200  # warm-up steps of the UNet phase
