@@ -108,8 +108,8 @@ def decided_at(curve: list[float]) -> float:
     return float("nan")
 
 
-def plot_spectrum(follows: dict[str, list[float]], path: Path, readable: list[float] | None = None) -> None:
-    """A line chart: x = switch stage k, y = fraction following A (drawn with PIL, no matplotlib)."""
+def plot_spectrum(follows: dict[str, list[float]], readable: list[float], path: Path) -> None:
+    """A line chart: x = switch stage k, y = fraction following A, dots = readable share (PIL, no matplotlib)."""
     w, h, m = 640, 360, 48
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
@@ -128,10 +128,9 @@ def plot_spectrum(follows: dict[str, list[float]], path: Path, readable: list[fl
         pts = [(x(k), y(v)) for k, v in enumerate(curve)]
         d.line(pts, fill=COLOURS[attr], width=3)
         d.text((w - m - 90, m + 8 + 14 * i), attr, fill=COLOURS[attr], font=font)
-    if readable is not None:  # dotted black: the share of images that show a readable object
-        for k, v in enumerate(readable):
-            d.ellipse([x(k) - 3, y(v) - 3, x(k) + 3, y(v) + 3], fill="black")
-        d.text((w - m - 90, m + 8 + 14 * len(follows)), "readable (dots)", fill="black", font=font)
+    for k, v in enumerate(readable):  # black dots: the share of images that show a readable object
+        d.ellipse([x(k) - 3, y(v) - 3, x(k) + 3, y(v) + 3], fill="black")
+    d.text((w - m - 90, m + 8 + 14 * len(follows)), "readable (dots)", fill="black", font=font)
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {k} | " + " | ".join(f"{follows[a][k]:.2f}" for a in world.ATTRIBUTES) + f" | {readable[k]:.2f} |")
     decided = {a: decided_at(c) for a, c in follows.items()}
     print("\ndecided at stage (A/B crossing): " + ", ".join(f"{a} {v:.1f}" for a, v in decided.items()))
-    plot_spectrum(follows, args.out / "spectrum.png", readable)
+    plot_spectrum(follows, readable, args.out / "spectrum.png")
     result = dict(accuracy=acc, psnr=psnr, spectrum=follows, readable=readable, decided_at=decided, captions=args.captions,
                   pairs=args.pairs, steps=args.steps, guidance_scale=args.guidance_scale)
     atomic_write(args.out / "quality.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))

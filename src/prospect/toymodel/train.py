@@ -119,9 +119,8 @@ def encode_bank(cfg: ToyTrainConfig, vae, work: Path) -> dict:
         x = torch.from_numpy(arr).permute(0, 3, 1, 2)
         latents.append(vae.encode(x).latent_dist.mean)
     lat = torch.cat(latents)
-    scale = 1.0 / lat.std().item()  # Stable Diffusion's scaling_factor, measured the same way
-    if cfg.init_from:  # the continued UNet was trained on the first model's scale
-        scale = float(vae.config.scaling_factor)
+    # Stable Diffusion's scaling_factor, measured the same way; a continued UNet keeps its model's scale
+    scale = float(vae.config.scaling_factor) if cfg.init_from else 1.0 / lat.std().item()
     codes = torch.tensor([[world.CHOICES[a].index(getattr(s, a)) for a in world.ATTRIBUTES] for s in scenes])
     # contiguous, as a reloaded bank is: the encoder's output has channels-last strides, and conv
     # kernels round differently on them, so a resumed run would not equal an uninterrupted one
