@@ -527,15 +527,22 @@ def _kill_and_resume(common, out, full_out, ckpt, victim, full, tmp_path, env) -
     loads, last_mtime, saved_step, killed_at = 0, None, None, None
     deadline = time.monotonic() + 240
     while victim.poll() is None and time.monotonic() < deadline:
-        if ckpt.exists() and ckpt.stat().st_mtime_ns != last_mtime:
+        time.sleep(0.005)
+        if not ckpt.exists():
+            continue
+        # Look while the victim is stopped, so it cannot finish (or checkpoint again) between the
+        # look and the kill; its last progress line gets a moment to reach the reader thread.
+        victim.send_signal(signal.SIGSTOP)
+        time.sleep(0.02)
+        if ckpt.stat().st_mtime_ns != last_mtime:
             last_mtime = ckpt.stat().st_mtime_ns
             saved_step = load_checkpoint(ckpt)["step"]  # never half-written: every version loads
             loads += 1
-        if saved_step is not None and seen and max(seen) > saved_step:  # a step past the checkpoint ran
+        if seen and max(seen) > saved_step:  # a step past the checkpoint ran
             killed_at = max(seen)
             victim.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.005)
+        victim.send_signal(signal.SIGCONT)
     assert victim.wait(timeout=60) == -signal.SIGKILL, "training ended before it could be killed"
     reader.join(timeout=10)
     state = load_checkpoint(ckpt)  # the file a SIGKILL left behind loads
