@@ -33,6 +33,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_reference_images
 from prospect.checkpoint import load_checkpoint
 from prospect.cli import main
 from prospect.concept import Concept
@@ -79,11 +80,7 @@ def _own_folder(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("refs")
-    rng = np.random.default_rng(0)
-    for k in range(2):
-        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(d / f"r{k}.png")
-    return d
+    return write_reference_images(tmp_path_factory.mktemp("refs"))
 
 
 @pytest.fixture(scope="module")
