@@ -28,7 +28,8 @@ from prospect.outputs import make_grid
 from prospect.world_reader import Reading, read_batch
 
 METHODS = ("prospect", "ti", "caption")
-LABEL = {"prospect": "ProSpect", "ti": "TI", "caption": "caption (model ceiling)"}
+LABEL = {"prospect": "ProSpect", "prospect_chosen": "ProSpect, pilot-chosen split", "ti": "TI",
+         "caption": "caption (model ceiling)"}
 BATCH = 64  # images per pipeline call
 EXAMPLE_REFERENCES = 3  # references whose images are also saved as a grid
 
@@ -44,12 +45,16 @@ class BenchConfig:
     lr: float = 2e-3  # inversion learning rate, both methods
     batch_size: int = 10  # inversion batch, both methods
     initializer: str = "shape"  # names no attribute value
+    flip_p: float = 0.5  # inversion's horizontal-flip probability, both methods
+    vectors: int = 1  # vectors per stage, both methods (TI: vectors of its one token)
     seed: int = 0  # reference scenes, text attributes, inversions and image seeds derive from it
     seeds: int = 4  # images per reference per condition
     num_inference_steps: int = 20  # DDIM steps
     guidance_scale: float = 5.0
     sweep: tuple[int, ...] = tuple(range(2, 9))  # split points k of the texture and layout sweeps
     n_boot: int = 2000  # bootstrap resamples
+    chosen: tuple[tuple[str, int, int], ...] = ()  # (task, lo, hi): ProSpect splits chosen on a pilot run, reported
+    # beside the a-priori ones; choose them on other references (another --seed), never on the reported ones
 
 
 @dataclass
@@ -73,10 +78,15 @@ class Condition:
         return bm.editing_prompt(bm.stage_texts(self.task, text, self.split))
 
 
+def chosen_split(cfg: BenchConfig, task: bm.TransferTask) -> bm.Split | None:
+    return next(((lo, hi) for name, lo, hi in cfg.chosen if name == task.name), None)
+
+
 def conditions(cfg: BenchConfig) -> list[Condition]:
     out = []
     for task in bm.TASKS:
-        out += [Condition("prospect", task, s) for s in bm.sweep_splits(task, cfg.sweep)]
+        extra = {chosen_split(cfg, task)} - {None}
+        out += [Condition("prospect", task, s) for s in sorted(set(bm.sweep_splits(task, cfg.sweep)) | extra)]
         out += [Condition("ti", task), Condition("caption", task)]
     return out
 
@@ -114,7 +124,8 @@ def learn(pp: ProSpectPipeline, image: Image.Image, num_stages: int, path: Path,
         return Concept.load(path), 0.0
     start = time.time()
     inv = InversionConfig(initializer=cfg.initializer, num_stages=num_stages, steps=cfg.steps, lr=cfg.lr,
-                          batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=50)
+                          batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=50, flip_p=cfg.flip_p,
+                          vectors_per_stage=cfg.vectors)
     ckpt = path.with_suffix(".ckpt")
     concept = invert(pp.pipe, [image], inv, checkpoint=ckpt, resume=True, progress=False)
     concept.save(path)
@@ -146,7 +157,7 @@ def run_reference(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path], todo: lis
         concept, spent = learn(pp, image, n, dirs["concepts"] / f"ref{r:03d}-{method}.safetensors", cfg)
         seconds["inversion"] += spent
         # TI's one row repeated in every stage: one token for all timesteps, same pipeline code path.
-        pp.load_concept(Concept(placeholder="*", embeddings=concept.embeddings.expand(pp.num_stages, -1)))
+        pp.load_concept(Concept(placeholder="*", embeddings=concept.embeddings.expand(pp.num_stages, *concept.embeddings.shape[1:])))
         mine = [c for c in missing if c.method == method or (method == "ti" and c.method == "caption")]
         start = time.time()
         prompts = [c.prompt(scene, texts[c.task.name]) for c in mine for _ in seeds]
@@ -174,6 +185,63 @@ def _example_grid(scene: world.Scene, examples, path: Path) -> None:
     make_grid(images, cols=cols, labels=labels, scale=4).save(path)
 
 
+MIX_SPLIT = 5  # mixing: A's tokens in stages >= 5 (layout, first half), B's below (material), fixed a priori
+MIX_FROM_A, MIX_FROM_B = ("position", "shape"), ("texture",)
+
+
+def mix_partner(cfg: BenchConfig, r: int) -> int:
+    """B for reference A = r: the next reference whose position, shape and texture all differ from A's."""
+    a = reference_scene(cfg.seed, r)
+    for j in range(1, cfg.references):
+        b = reference_scene(cfg.seed, (r + j) % cfg.references)
+        if all(getattr(a, x) != getattr(b, x) for x in MIX_FROM_A + MIX_FROM_B):
+            return (r + j) % cfg.references
+    return (r + 1) % cfg.references
+
+
+def mix_prompts(method: str, split: int = MIX_SPLIT, n: int = 10) -> str:
+    """Layout of <a> + texture of <b>: ProSpect switches tokens at ``split``; TI writes both in one prompt."""
+    if method == "ti":
+        return "a <b> <a>"  # what a TI user writes: <b> in the texture slot, <a> in the shape slot
+    return bm.editing_prompt(["<b>" if i < split else "<a>" for i in range(n)])
+
+
+def run_mix(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path]) -> dict:
+    """Readings of 'layout of A + texture of B' (A = reference r, B = its partner), both methods, cached."""
+    cache = dirs["readings"] / f"mix{r:03d}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    b, seeds, readings = mix_partner(cfg, r), image_seeds(cfg, r), {}
+    for method, n in (("prospect", pp.num_stages), ("ti", 1)):
+        for name, ref in (("<a>", r), ("<b>", b)):
+            c, _ = learn(pp, world.render_pil(reference_scene(cfg.seed, ref)), n,
+                         dirs["concepts"] / f"ref{ref:03d}-{method}.safetensors", cfg)
+            pp.load_concept(Concept(placeholder=name, embeddings=c.embeddings.expand(pp.num_stages, *c.embeddings.shape[1:])))
+        images = generate(pp, [mix_prompts(method)] * len(seeds), seeds, cfg)
+        readings[method] = [g.as_dict() for g in read_batch(images)]
+    cache.write_text(json.dumps(dict(partner=b, **readings)))
+    return readings
+
+
+def score_mix(mix: list[dict], cfg: BenchConfig) -> dict:
+    """Success (A's position and shape, B's texture) per method, with ProSpect - TI paired over references."""
+    out, arrays = {}, {}
+    for method in ("prospect", "ti"):
+        rows, attrs = [], {a: [] for a in MIX_FROM_A + MIX_FROM_B}
+        for r, readings in enumerate(mix):
+            a, b = reference_scene(cfg.seed, r), reference_scene(cfg.seed, mix_partner(cfg, r))
+            wanted = {**{x: getattr(a, x) for x in MIX_FROM_A}, **{x: getattr(b, x) for x in MIX_FROM_B}}
+            got = [bm.hits(Reading(**d), wanted) for d in readings[method]]
+            rows.append([all(h.values()) for h in got])
+            for x in attrs:
+                attrs[x].append([h[x] for h in got])
+        arrays[method] = np.asarray(rows, dtype=bool)
+        out[method] = dict(success=asdict(bm.rate(arrays[method], cfg.n_boot, cfg.seed)),
+                           attributes={x: float(np.mean(v)) for x, v in attrs.items()})
+    out["difference"] = asdict(bm.paired_difference(arrays["prospect"], arrays["ti"], cfg.n_boot, cfg.seed))
+    return out
+
+
 def score(all_readings: list[dict], cfg: BenchConfig, todo: list[Condition]) -> dict[str, dict[str, np.ndarray]]:
     """Per condition: [references, images] arrays of success and of each scored attribute."""
     out = {}
@@ -197,11 +265,16 @@ def summarise(scores: dict, cfg: BenchConfig, todo: list[Condition]) -> dict:
     for task in bm.TASKS:
         keys = {"prospect": Condition("prospect", task, task.default_split).key,
                 "ti": Condition("ti", task).key, "caption": Condition("caption", task).key}
+        if chosen_split(cfg, task) not in (None, task.default_split):
+            keys["prospect_chosen"] = Condition("prospect", task, chosen_split(cfg, task)).key
         main[task.name] = {m: dict(success=asdict(bm.rate(scores[k]["success"], cfg.n_boot, cfg.seed)),
                                    attributes={a: float(v.mean()) for a, v in scores[k].items() if a != "success"})
                            for m, k in keys.items()}
         diffs[task.name] = asdict(bm.paired_difference(scores[keys["prospect"]]["success"], scores[keys["ti"]]["success"],
                                                        cfg.n_boot, cfg.seed))
+        if "prospect_chosen" in keys:
+            diffs[task.name + " (chosen split)"] = asdict(bm.paired_difference(
+                scores[keys["prospect_chosen"]]["success"], scores[keys["ti"]]["success"], cfg.n_boot, cfg.seed))
         sweep[task.name] = [dict(split=list(by[k].split), default=by[k].split == task.default_split,
                                  success=float(s["success"].mean()),
                                  from_reference=float(np.mean([s[a] for a in task.from_reference])),
@@ -218,7 +291,8 @@ def _ci(lo_hi) -> str:
 def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
     """The tables of results.md (also printed)."""
     lines = [f"Attribute transfer on the toy world: {n_refs} references x {cfg.seeds} images per task; "
-             f"inversion {cfg.steps} steps, lr {cfg.lr}, batch {cfg.batch_size}, initializer '{cfg.initializer}'; "
+             f"inversion {cfg.steps} steps, lr {cfg.lr}, batch {cfg.batch_size}, initializer '{cfg.initializer}', "
+             f"flip p {cfg.flip_p}, {cfg.vectors} vector(s) per stage; "
              f"DDIM {cfg.num_inference_steps}, CFG {cfg.guidance_scale}. 95 % intervals: Wilson over images "
              "(assumes independent images) and bootstrap over references (the one to read).", "",
              "| task | method | success | Wilson 95 % | bootstrap 95 % (refs) | " + " | ".join(world.ATTRIBUTES) + " |",
@@ -245,6 +319,18 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
             text = "" if row["from_text"] is None else f"{row['from_text']:.2f}"
             lines.append(f"| {task} | [{lo}, {hi}){' *' if row['default'] else ''} | {row['success']:.2f} | "
                          f"{row['from_reference']:.2f} | {text} |")
+    if "mix" in summary:
+        m = summary["mix"]
+        lines += ["", f"Mixing two concepts: layout (position, shape) of reference A + texture of reference B (B: the next "
+                  f"reference unlike A in all three); ProSpect <a> in stages >= {MIX_SPLIT}, <b> below; TI 'a <b> <a>' in "
+                  "every stage:", "", "| method | success | bootstrap 95 % (refs) | position (A) | shape (A) | texture (B) |",
+                  "|---|---|---|---|---|---|"]
+        for method in ("prospect", "ti"):
+            row, a = m[method]["success"], m[method]["attributes"]
+            lines.append(f"| {LABEL[method]} | **{row['rate']:.2f}** ({row['successes']}/{row['n']}) | {_ci(row['bootstrap'])} | "
+                         f"{a['position']:.2f} | {a['shape']:.2f} | {a['texture']:.2f} |")
+        d = m["difference"]
+        lines.append(f"| ProSpect - TI | {d['mean']:+.2f} | [{d['lo']:+.2f}, {d['hi']:+.2f}] | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -293,7 +379,8 @@ def run(cfg: BenchConfig) -> dict:
     if pp.num_stages != 10:
         raise ValueError("the benchmark's splits are written for N = 10 stages")
     inv_key = _key(dict(model=model_fingerprint(pp), steps=cfg.steps, lr=cfg.lr, batch=cfg.batch_size,
-                        init=cfg.initializer, seed=cfg.seed))
+                        init=cfg.initializer, seed=cfg.seed, **({"flip_p": cfg.flip_p} if cfg.flip_p != 0.5 else {}),
+                        **({"vectors": cfg.vectors} if cfg.vectors != 1 else {})))
     gen_key = _key(dict(inv=inv_key, seeds=cfg.seeds, steps=cfg.num_inference_steps, cfg=cfg.guidance_scale))
     dirs = {"out": cfg.out, "concepts": cfg.out / "concepts" / inv_key, "readings": cfg.out / "readings" / gen_key}
     for p in dirs.values():
@@ -307,6 +394,10 @@ def run(cfg: BenchConfig) -> dict:
         print(f"reference {r + 1}/{cfg.references}: {reference_scene(cfg.seed, r)} "
               f"({spent['inversion']:.0f} s inversion, {spent['generation']:.0f} s generation)", flush=True)
     summary = summarise(score(all_readings, cfg, todo), cfg, todo)
+    if cfg.references > 1:
+        start_mix = time.time()
+        summary["mix"] = score_mix([run_mix(pp, r, cfg, dirs) for r in range(cfg.references)], cfg)
+        seconds["generation"] += time.time() - start_mix
     seconds["total"] = time.time() - start
     table = markdown(summary, cfg, cfg.references)
     (cfg.out / "results.md").write_text(table, encoding="utf-8")
@@ -333,15 +424,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, help="inversion steps of both methods (default 150)")
     p.add_argument("--lr", type=float, help="inversion learning rate (default 2e-3)")
     p.add_argument("--seeds", type=int, help="images per reference per condition (default 4)")
+    p.add_argument("--flip-p", type=float, help="inversion flip probability, both methods (default 0.5)")
+    p.add_argument("--vectors", type=int, help="vectors per stage, both methods (default 1)")
+    p.add_argument("--initializer", help="initializer word(s), both methods (default 'shape')")
+    p.add_argument("--batch-size", type=int, help="inversion batch, both methods (default 10)")
     p.add_argument("--num-inference-steps", type=int, help="DDIM steps (default 20)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale (default 5)")
     p.add_argument("--sweep", help="split points k of the sweeps, comma separated (default 2..8; 0..10 adds text-only and all-stage ends)")
     p.add_argument("--seed", type=int, help="seed of everything (default 0)")
+    p.add_argument("--chosen", action="append", metavar="TASK:LO-HI",
+                   help="a ProSpect split chosen on a pilot run (another --seed), e.g. texture:0-8; repeatable")
     p.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("quick",)}
     if "sweep" in given:
         given["sweep"] = tuple(int(k) for k in given["sweep"].split(","))
+    if "chosen" in given:
+        try:
+            given["chosen"] = tuple((t, int(r.split("-")[0]), int(r.split("-")[1]))
+                                    for t, r in (c.split(":") for c in given["chosen"]))
+        except (ValueError, IndexError):
+            p.error("--chosen takes TASK:LO-HI, e.g. texture:0-8")
+        if any(t not in bm.TASK or not 0 <= lo < hi <= 10 for t, lo, hi in given["chosen"]):
+            p.error(f"--chosen: task one of {', '.join(bm.TASK)} and 0 <= LO < HI <= 10")
     cfg = BenchConfig(**{**(QUICK if args.quick else {}), **given})
     for name in ("references", "steps", "seeds", "num_inference_steps"):
         if getattr(cfg, name) < 1:

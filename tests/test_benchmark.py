@@ -179,3 +179,29 @@ def test_transfer_script_smoke_run_writes_results_and_resumes(tmp_path):
     again = main(argv)  # everything comes from the cache
     assert again["seconds"]["inversion"] == 0 and again["seconds"]["generation"] == 0
     assert again["main"] == result["main"]
+
+
+def _script():
+    return runpy.run_path(str(SCRIPT), run_name="bench_transfer")
+
+
+def test_mixing_two_concepts_switches_placeholders_at_the_split_and_scores_a_and_b():
+    ns = _script()
+    cfg = ns["BenchConfig"](references=6, seed=1)
+    assert resolve_editing(ns["mix_prompts"]("prospect"), 10) == ["<b>"] * 5 + ["<a>"] * 5
+    assert ns["mix_prompts"]("ti") == "a <b> <a>"
+    unlike = lambda a, b: all(getattr(a, x) != getattr(b, x) for x in ("position", "shape", "texture"))  # noqa: E731
+    scenes = [ns["reference_scene"](1, j) for j in range(6)]
+    for r in range(6):
+        partner = ns["mix_partner"](cfg, r)
+        assert partner != r
+        if any(unlike(scenes[r], scenes[j]) for j in range(6)):
+            assert unlike(scenes[r], scenes[partner])
+    # score_mix on clean renders: an image with A's layout and B's texture succeeds, a copy of A or B fails
+    a, b = ns["reference_scene"](1, 0), ns["reference_scene"](1, ns["mix_partner"](cfg, 0))
+    mixed = a.with_(texture=b.texture)
+    readings = [{"prospect": [read(world.render_pil(mixed)).as_dict()] * 2,
+                 "ti": [read(world.render_pil(a)).as_dict(), read(world.render_pil(b)).as_dict()]}]
+    out = ns["score_mix"](readings, cfg)
+    assert out["prospect"]["success"]["rate"] == 1.0 and out["ti"]["success"]["rate"] == 0.0
+    assert out["difference"]["mean"] == 1.0

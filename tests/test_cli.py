@@ -118,3 +118,28 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "prospect.cli", "--help"], capture_output=True, text=True, check=True)
     for cmd in ("train", "generate", "visualize", "export", "demo"):
         assert cmd in out.stdout
+
+
+def test_train_with_several_vectors_shared_stages_and_no_flip_then_info_and_export(workdir, tiny_model_dir, capsys):
+    out = workdir / "multi.safetensors"
+    code = main(["train", str(workdir / "refs"), "--out", str(out), "--model", str(tiny_model_dir), "--steps", "3",
+                 "--init-word", "cat", "--vectors-per-stage", "3", "--parameterization", "shared", "--flip-p", "0",
+                 "--checkpoint-every", "0"])
+    assert code == 0
+    concept = Concept.load(out)
+    assert concept.embeddings.shape == (10, 3, 32) and concept.vectors_per_stage == 3
+    assert "10 stages x 3 vectors x 32" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    assert "3 vector(s) per stage" in capsys.readouterr().out
+    assert main(["export", str(out), "--format", "diffusers", "--out", str(workdir / "multi-ti")]) == 0
+    assert len(list((workdir / "multi-ti").glob("learned_embeds-s*.safetensors"))) == 10
+
+
+@pytest.mark.parametrize("flag, value, match", [("--vectors-per-stage", "0", "vectors_per_stage"),
+                                                ("--flip-p", "1.5", "flip_p"), ("--flip-p", "nan", "flip_p")])
+def test_bad_inversion_flags_are_one_line_errors(workdir, tiny_model_dir, capsys, flag, value, match):
+    code = main(["train", str(workdir / "refs"), "--out", str(workdir / "bad.safetensors"), "--model", str(tiny_model_dir),
+                 flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("prospect: error:") and match in err[0]
+    assert not (workdir / "bad.safetensors").exists()

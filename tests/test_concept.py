@@ -69,7 +69,7 @@ def test_concept_fields_and_validation():
     assert c.tokens() == [f"<<teddy>:s{k}>" for k in range(4)] and c.token(2) == "<<teddy>:s2>"
     with pytest.raises(ConceptError):
         c.token(4)
-    for bad in [torch.zeros(3), torch.zeros(0, 8), torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long)]:
+    for bad in [torch.zeros(3), torch.zeros(0, 8), torch.zeros(2, 3, 4, 5), torch.zeros(2, 0, 4), torch.zeros(2, 3, dtype=torch.long)]:
         with pytest.raises(ConceptError):
             Concept(embeddings=bad)
     with pytest.raises(ConceptError, match="finite"):
@@ -201,8 +201,8 @@ def test_metadata_inconsistencies_refused(tmp_path):
         Concept.load(write({**c.metadata(), "num_stages": "4"}))
     with pytest.raises(ConceptError, match="not an integer"):
         Concept.load(write({**c.metadata(), "dim": "four"}))
-    with pytest.raises(ConceptError, match="format version 2"):
-        Concept.load(write({**c.metadata(), "format_version": "2"}))
+    with pytest.raises(ConceptError, match="format version 3"):
+        Concept.load(write({**c.metadata(), "format_version": "3"}))
     with pytest.raises(ConceptError, match="exactly one tensor"):
         Concept.load(write(c.metadata(), {"embeddings": c.embeddings, "extra": torch.zeros(1)}))
     with pytest.raises(ConceptError, match="placeholder"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from prospect import world
 from prospect.cli import main
-from prospect.demo import TASKS, DemoConfig, run_demo
+from prospect.demo import REFERENCE, TASK_BY_NAME, TASKS, DemoConfig, _shows, run_demo
+from prospect.world_reader import read
 
 
 def test_demo_writes_figure_report_and_concept(tmp_path):
@@ -17,9 +19,28 @@ def test_demo_writes_figure_report_and_concept(tmp_path):
         assert len(report.readings[task.name]) == 2
     assert "0: *" in page  # stage lists are written out
     assert set(report.readings["reconstruction"][0]) == {"position", "shape", "colour", "texture", "background"}
+    # every row is judged from its readings; a row that does not show its claim is marked in red, not presented
+    assert set(report.shown) == {t.name for t in TASKS}
+    for task in TASKS:
+        claim = task.claim(REFERENCE.attributes())
+        assert report.shown[task.name] == sum(_shows(r, claim) for r in report.readings[task.name])
+        marked = f"<h2 class='fail'>{task.name}</h2>" in page
+        assert marked == (task.name in report.failed_rows()) == (report.shown[task.name] < 2)
+    assert page.count("This row is not a result") == len(report.failed_rows())
+
+
+def test_a_row_shows_its_claim_only_with_every_claimed_attribute():
+    ref = REFERENCE.attributes()
+    material = TASK_BY_NAME["material-aware"]
+    assert material.claim(ref) == {"colour": ref["colour"], "texture": ref["texture"], **material.from_text}
+    right = world.Scene(**{**ref, **material.from_text})
+    assert _shows(read(world.render_pil(right)).as_dict(), material.claim(ref))
+    assert not _shows(read(world.render_pil(right.with_(texture="plain"))).as_dict(), material.claim(ref))
+    assert not _shows(read(world.render_pil(REFERENCE)).as_dict(), material.claim(ref))  # a copy of the reference
 
 
 def test_demo_command_prints_where_the_files_are(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "report.html" in out and (tmp_path / "d" / "demo.png").exists()
+    assert "reconstruction: " in out and "images show what the row claims" in out

@@ -32,21 +32,33 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--placeholder", default="*", help="the word prompts use for the concept (default *)")
-    p.add_argument("--init-word", default="object", help="initializer word (default 'object')")
-    p.add_argument("--stages", type=int, default=10, help="number of stages N (default 10)")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--batch-size", type=int, default=10, help="samples per step (default 10; train: over all processes)")
+    from .inversion import InversionConfig as C  # the defaults live in the config dataclass, not here
+
+    p.add_argument("--placeholder", default=C.placeholder, help=f"the word prompts use for the concept (default {C.placeholder})")
+    p.add_argument("--init-word", default=C.initializer, help=f"initializer word(s) (default {C.initializer!r}; "
+                   "as many words as --vectors-per-stage start one vector each)")
+    p.add_argument("--stages", type=int, default=C.num_stages, help=f"number of stages N (default {C.num_stages})")
+    p.add_argument("--vectors-per-stage", type=int, default=C.vectors_per_stage,
+                   help=f"prompt tokens each stage's token stands for (default {C.vectors_per_stage})")
+    p.add_argument("--parameterization", choices=("free", "shared"), default=C.parameterization,
+                   help=f"free: N independent stage tokens; shared: a token shared by all stages plus a per-stage "
+                        f"difference (default {C.parameterization})")
+    p.add_argument("--steps", type=int, default=C.steps, help=f"optimisation steps (default {C.steps})")
+    p.add_argument("--lr", type=float, default=C.lr, help=f"learning rate (default {C.lr})")
+    p.add_argument("--batch-size", type=int, default=C.batch_size,
+                   help=f"samples per step (default {C.batch_size}; train: over all processes)")
     p.add_argument("--resolution", type=int, default=None, help="training size (default: the model's)")
-    p.add_argument("--crop", choices=("center", "none"), default="center")
+    p.add_argument("--crop", choices=("center", "none"), default=C.crop)
+    p.add_argument("--flip-p", type=float, default=C.flip_p,
+                   help=f"probability of a horizontal flip (default {C.flip_p}: a flip mirrors the layout, which is an "
+                        "attribute; 0.5 as the official code for symmetric subjects)")
     p.add_argument("--template", action="append", default=None, help="caption template with {} (repeatable; default '{}')")
     p.add_argument("--no-stratified", action="store_true", help="draw stages at random instead of covering all")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=C.seed)
+    p.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.safetensors if present")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    p.add_argument("--validation-every", type=int, default=0, help="write a validation image every K steps (0 = never)")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=C.mixed_precision)
+    p.add_argument("--validation-every", type=int, default=C.validation_every, help="write a validation image every K steps (0 = never)")
     p.add_argument("--validation-prompt", default="*", help="prompt of the validation images (default '*')")
 
 
@@ -148,7 +160,9 @@ def _train_job(args):
     if not out.parent.exists():
         raise ValueError(f"output folder {out.parent} does not exist")
     cfg = InversionConfig(
-        placeholder=args.placeholder, initializer=args.init_word, num_stages=args.stages, steps=args.steps,
+        placeholder=args.placeholder, initializer=args.init_word, num_stages=args.stages,
+        vectors_per_stage=args.vectors_per_stage, parameterization=args.parameterization, flip_p=args.flip_p,
+        steps=args.steps,
         lr=args.lr, batch_size=args.batch_size, resolution=args.resolution, crop=args.crop,
         templates=tuple(args.template or ("{}",)), stratified=not args.no_stratified, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
@@ -173,7 +187,8 @@ def _train(args, images, out: Path, cfg, accelerator=None):
 
 def _write_concept(concept, out: Path) -> None:
     concept.save(out)
-    print(f"wrote {out} ({concept.num_stages} stages x {concept.dim}, placeholder {concept.placeholder!r})")
+    vectors = f" x {concept.vectors_per_stage} vectors" if concept.vectors_per_stage > 1 else ""
+    print(f"wrote {out} ({concept.num_stages} stages{vectors} x {concept.dim}, placeholder {concept.placeholder!r})")
 
 
 def cmd_train(args) -> None:
@@ -346,7 +361,8 @@ def cmd_info(args) -> None:
     c = Concept.load(args.concept)
     print(f"placeholder {c.placeholder!r}, {c.num_stages} stages over {c.num_train_timesteps} timesteps, dim {c.dim}")
     print(f"initializer {c.initializer!r}, base model {c.base_model or 'unknown'!r}")
-    norms = ", ".join(f"{n:.3f}" for n in c.embeddings.norm(dim=1).tolist())
+    print(f"{c.vectors_per_stage} vector(s) per stage")
+    norms = ", ".join(f"{n:.3f}" for n in c.embeddings.reshape(c.num_stages, -1).norm(dim=1).tolist())
     print(f"row norms (stage 0..{c.num_stages - 1}): {norms}")
 
 
@@ -357,6 +373,9 @@ def cmd_demo(args) -> None:
     if args.steps is not None:
         cfg.inversion_steps = args.steps
     report = run_demo(cfg, model=args.model)
+    for name, k in report.shown.items():
+        mark = "NOT SHOWN" if name in report.failed_rows() else "ok"
+        print(f"{name}: {k} of {len(report.readings[name])} images show what the row claims ({mark})")
     print(f"figure: {report.figure}\nreport: {report.html}")
 
 

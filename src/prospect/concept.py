@@ -3,9 +3,13 @@
 Stage k covers the k-th slice of the training timesteps, so stage 0 holds the smallest timesteps
 (the last denoising steps) and stage N-1 the largest (the first steps of generation).
 
+A stage may hold several vectors (``vectors_per_stage`` V, as diffusers' ``--num_vectors``): its
+token then stands for V consecutive prompt tokens ``<*:s3> <*:s3:1> ... <*:s3:V-1>``.
+
 File format (``Concept.save``): a safetensors file with one float32 tensor ``"embeddings"`` of shape
-[num_stages, dim] and string metadata ``format="prospect-concept"``, ``format_version``,
-``num_stages``, ``dim``, ``num_train_timesteps``, ``placeholder``, ``initializer``, ``base_model``.
+[num_stages, dim] (format version 1, one vector per stage) or [num_stages, V, dim] (version 2,
+V > 1) and string metadata ``format="prospect-concept"``, ``format_version``, ``num_stages``,
+``vectors_per_stage``, ``dim``, ``num_train_timesteps``, ``placeholder``, ``initializer``, ``base_model``.
 Pickle-based files (.pt/.bin/.ckpt) are refused: unpickling can run arbitrary code.
 """
 
@@ -19,7 +23,6 @@ import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import safetensors.torch
 import torch
@@ -27,7 +30,7 @@ import torch
 from .stages import stage_bounds
 
 FORMAT = "prospect-concept"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this code reads; files with one vector per stage are still written as 1
 _MAX_FILE_BYTES = 256 * 2**20  # embedding files are kilobytes; refuse to read whole checkpoints
 _STAGE_ORDER = (
     "stage 0 = smallest timesteps (last denoising steps), stage N-1 = largest (first steps); "
@@ -49,38 +52,42 @@ def _check_placeholder(placeholder: str) -> str:
     return placeholder
 
 
-def stage_token(placeholder: str, stage: int) -> str:
+def stage_token(placeholder: str, stage: int, vector: int = 0) -> str:
     """The added-token string for one stage: ``<{placeholder}:s{stage}>``, lower-cased.
 
     ``*`` -> ``<*:s3>``, ``<teddy>`` -> ``<<teddy>:s3>``. The angle brackets and ``:s`` suffix make
     it something nobody types by accident; the closing ``>`` keeps ``<*:s1>`` from being a prefix
     of ``<*:s10>``. It is lower-cased (after NFC) because CLIP lower-cases prompts before matching
-    added tokens, so ``Teddy`` and ``teddy`` name the same tokens.
+    added tokens, so ``Teddy`` and ``teddy`` name the same tokens. Vector v > 0 of a stage with
+    several vectors is ``<*:s3:v>``.
     """
     _check_placeholder(placeholder)
-    if isinstance(stage, bool) or not isinstance(stage, int) or stage < 0:
-        raise ConceptError(f"stage must be a non-negative integer, got {stage!r}")
-    return f"<{unicodedata.normalize('NFC', placeholder).lower()}:s{stage}>"
+    for name, value in (("stage", stage), ("vector", vector)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConceptError(f"{name} must be a non-negative integer, got {value!r}")
+    tail = f":{vector}" if vector else ""
+    return f"<{unicodedata.normalize('NFC', placeholder).lower()}:s{stage}{tail}>"
 
 
 @dataclass
 class Concept:
-    """N per-stage token embeddings learned for one placeholder."""
+    """N per-stage token embeddings (V vectors each) learned for one placeholder."""
 
     placeholder: str = "*"
-    embeddings: torch.Tensor = None  # [num_stages, dim]; required, None only to allow keyword use
+    embeddings: torch.Tensor = None  # [num_stages, dim] or [num_stages, V, dim]; required, None only to allow keyword use
     num_train_timesteps: int = 1000
     initializer: str = ""
     base_model: str = ""
-    format_version: ClassVar[int] = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         """Validate fields and store the embeddings as a detached float32 CPU tensor."""
         _check_placeholder(self.placeholder)
         emb = self.embeddings
-        if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or 0 in emb.shape:
+        if not isinstance(emb, torch.Tensor) or emb.ndim not in (2, 3) or 0 in emb.shape:
             shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-            raise ConceptError(f"embeddings must be a non-empty [num_stages, dim] tensor, got {shape}")
+            raise ConceptError(f"embeddings must be a non-empty [num_stages, dim] or [num_stages, V, dim] tensor, got {shape}")
+        if emb.ndim == 3 and emb.shape[1] == 1:  # one vector per stage has one layout only
+            emb = emb[:, 0]
         if not emb.is_floating_point() or not torch.isfinite(emb).all():
             raise ConceptError("embeddings must be finite floating-point values")
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < emb.shape[0]:
@@ -97,25 +104,56 @@ class Concept:
     @property
     def dim(self) -> int:
         """Text embedding width."""
-        return self.embeddings.shape[1]
+        return self.embeddings.shape[-1]
+
+    @property
+    def format_version(self) -> int:
+        """The file format version ``save`` writes: 1 for one vector per stage (readable by older versions), else 2."""
+        return 1 if self.vectors_per_stage == 1 else 2
+
+    @property
+    def vectors_per_stage(self) -> int:
+        """V, the number of prompt tokens one stage's token stands for."""
+        return 1 if self.embeddings.ndim == 2 else self.embeddings.shape[1]
+
+    def stage_vectors(self, stage: int) -> torch.Tensor:
+        """The [V, dim] vectors of one stage."""
+        self.token(stage)  # range check
+        return self.embeddings[stage].reshape(self.vectors_per_stage, self.dim)
+
+    def rows(self) -> torch.Tensor:
+        """All vectors as [num_stages * V, dim] rows, in the order of ``tokens()``."""
+        return self.embeddings.reshape(-1, self.dim)
 
     def token(self, stage: int) -> str:
-        """The added token for one stage."""
-        if not 0 <= stage < self.num_stages:
+        """The added token for one stage (its first vector's)."""
+        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < self.num_stages:
             raise ConceptError(f"stage {stage} out of range for a {self.num_stages}-stage concept")
         return stage_token(self.placeholder, stage)
 
+    def stage_tokens(self, stage: int) -> list[str]:
+        """The V added tokens of one stage."""
+        self.token(stage)
+        return [stage_token(self.placeholder, stage, v) for v in range(self.vectors_per_stage)]
+
+    def prompt_text(self, stage: int) -> str:
+        """What the placeholder becomes in a prompt of this stage: its V tokens, space-separated."""
+        return " ".join(self.stage_tokens(stage))
+
     def tokens(self) -> list[str]:
-        """All stage tokens, stage 0 first."""
-        return [self.token(k) for k in range(self.num_stages)]
+        """All added tokens, stage 0 first, each stage's V vectors in order."""
+        return [tok for k in range(self.num_stages) for tok in self.stage_tokens(k)]
 
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata written by ``save``."""
-        return {
-            "format": FORMAT, "format_version": str(FORMAT_VERSION), "num_stages": str(self.num_stages),
+        meta = {
+            "format": FORMAT, "format_version": str(self.format_version), "num_stages": str(self.num_stages),
             "dim": str(self.dim), "num_train_timesteps": str(self.num_train_timesteps),
             "placeholder": self.placeholder, "initializer": self.initializer, "base_model": self.base_model,
         }
+        if self.vectors_per_stage > 1:  # version 1 files stay exactly as version-1 readers expect them
+            meta["vectors_per_stage"] = str(self.vectors_per_stage)
+        return meta
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the concept atomically as safetensors; returns the path."""
@@ -134,7 +172,8 @@ class Concept:
         if set(tensors) != {"embeddings"}:
             raise ConceptError(f"{path} must hold exactly one tensor 'embeddings', found {sorted(tensors)}")
         emb = tensors["embeddings"]
-        expected = (_meta_int(meta, "num_stages", path), _meta_int(meta, "dim", path))
+        vectors = _meta_int(meta, "vectors_per_stage", path) if "vectors_per_stage" in meta else 1
+        expected = (_meta_int(meta, "num_stages", path), *((vectors,) if vectors > 1 else ()), _meta_int(meta, "dim", path))
         if tuple(emb.shape) != expected:
             raise ConceptError(f"{path}: embeddings shape {tuple(emb.shape)} does not match metadata {expected}")
         return cls(
@@ -235,7 +274,7 @@ def _sniff(head: bytes, size: int) -> str:
 
 
 def add_concept(tokenizer, text_encoder, concept: Concept) -> list[int]:
-    """Add (or overwrite) the concept's stage tokens and embedding rows; returns ids in stage order."""
+    """Add (or overwrite) the concept's stage tokens and embedding rows; returns ids in ``concept.tokens()`` order."""
     weight = text_encoder.get_input_embeddings().weight
     if weight.shape[1] != concept.dim:
         raise ConceptError(
@@ -256,21 +295,25 @@ def add_concept(tokenizer, text_encoder, concept: Concept) -> list[int]:
         text_encoder.resize_token_embeddings(size, pad_to_multiple_of=None, mean_resizing=False)
         weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        weight[torch.tensor(ids)] = concept.embeddings.to(weight.device, weight.dtype)
+        weight[torch.tensor(ids)] = concept.rows().to(weight.device, weight.dtype)
     return ids
 
 
-def init_embeddings(tokenizer, text_encoder, initializer: str, num_stages: int) -> torch.Tensor:
-    """Initial [num_stages, dim] rows: the initializer's embedding, or the mean over its tokens if several."""
-    if num_stages < 1:
-        raise ConceptError(f"num_stages must be >= 1, got {num_stages}")
+def init_embeddings(tokenizer, text_encoder, initializer: str, num_stages: int, vectors: int = 1) -> torch.Tensor:
+    """Initial rows, [num_stages, dim] (or [num_stages, V, dim]): the initializer's embedding, or the mean
+    over its tokens if several; with V vectors and an initializer of exactly V tokens, vector v starts
+    from token v (e.g. a caption skeleton), else every vector from the mean."""
+    if num_stages < 1 or vectors < 1:
+        raise ConceptError(f"num_stages and vectors must be >= 1, got {num_stages}, {vectors}")
     ids = tokenizer(initializer or "", add_special_tokens=False).input_ids
     special = set(tokenizer.all_special_ids)
     if not ids or any(i in special for i in ids):
         raise ConceptError(f"initializer {initializer!r} does not tokenize to any ordinary token")
-    weight = text_encoder.get_input_embeddings().weight
-    row = weight.detach()[torch.tensor(ids)].float().mean(0)  # multi-token words: average their meaning
-    return row.cpu().expand(num_stages, -1).clone()
+    table = text_encoder.get_input_embeddings().weight.detach()[torch.tensor(ids)].float().cpu()
+    if vectors > 1:
+        rows = table if len(ids) == vectors else table.mean(0).expand(vectors, -1)
+        return rows.expand(num_stages, -1, -1).clone()
+    return table.mean(0).expand(num_stages, -1).clone()  # multi-token words: average their meaning
 
 
 def _file_stem(concept: Concept, name: str | None) -> str:
@@ -293,12 +336,13 @@ def _stage_notes(concept: Concept, names: list[str]) -> list[dict]:
 
 
 def export_diffusers(concept: Concept, folder: str | os.PathLike) -> list[Path]:
-    """Write ``learned_embeds-s<k>.safetensors`` = {stage token: [1, dim]} per stage, for ``load_textual_inversion``."""
+    """Write ``learned_embeds-s<k>.safetensors`` = {stage token: [V, dim]} per stage, for ``load_textual_inversion``
+    (diffusers names a multi-vector token's extra vectors ``<token>_1`` ... and expands the prompt itself)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"learned_embeds-s{k}.safetensors" for k in range(concept.num_stages)]
     for k, path in enumerate(paths):
-        _atomic_write(path, safetensors.torch.save({concept.token(k): concept.embeddings[k : k + 1].clone()}))
+        _atomic_write(path, safetensors.torch.save({concept.token(k): concept.stage_vectors(k).clone()}))
     _write_note(folder, "prospect_diffusers.json", {
         "format": "prospect-diffusers-export", "placeholder": concept.placeholder, "base_model": concept.base_model,
         "stage_order": _STAGE_ORDER,
@@ -329,7 +373,7 @@ def a1111_schedule(names: list[str], num_inference_steps: int | None = None) -> 
 def export_a1111(
     concept: Concept, folder: str | os.PathLike, num_inference_steps: int | None = None, name: str | None = None
 ) -> tuple[list[Path], str]:
-    """Write A1111 embeddings ``<name>-s<k>.safetensors`` = {"emb_params": [1, dim]} and return a scheduling prompt.
+    """Write A1111 embeddings ``<name>-s<k>.safetensors`` = {"emb_params": [V, dim]} and return a scheduling prompt.
 
     A1111 names an embedding after its file stem. The returned prompt uses nested prompt editing
     ``[from:to:when]`` so stage N-1 is active for the first 1/N of the steps, ..., stage 0 last;
@@ -342,7 +386,7 @@ def export_a1111(
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{n}.safetensors" for n in names]
     for k, path in enumerate(paths):
-        _atomic_write(path, safetensors.torch.save({"emb_params": concept.embeddings[k : k + 1].clone()}))
+        _atomic_write(path, safetensors.torch.save({"emb_params": concept.stage_vectors(k).clone()}))
     _write_note(folder, f"{stem}-prospect_a1111.json", {
         "format": "prospect-a1111-export", "placeholder": concept.placeholder, "base_model": concept.base_model,
         "stage_order": _STAGE_ORDER,

@@ -36,8 +36,16 @@ class Task:
     name: str
     description: str
     prospect_words: list[str] | None  # index 0 = generation ends; None = "*" in every stage
-    from_text: dict[str, str] = field(default_factory=dict)  # attributes the text sets
+    from_text: dict[str, str] = field(default_factory=dict)  # attributes the text (or the edit input) sets
     img2img: bool = False
+    from_reference: tuple[str, ...] = ()  # attributes the caption claims come from the reference
+
+    def claim(self, reference: dict[str, str]) -> dict[str, str]:
+        """The attribute values an image must show for this row to show what its caption claims."""
+        return {**{a: reference[a] for a in self.from_reference}, **self.from_text}
+
+
+SHOWN = 3  # a row shows its claim when at least this many of 4 images do (read back)
 
 
 def _late(n_late: int, late: str, early: str, n: int = 10) -> list[str]:
@@ -46,16 +54,22 @@ def _late(n_late: int, late: str, early: str, n: int = 10) -> list[str]:
 
 
 TASKS = [
-    Task("reconstruction", "'*' in every stage: the reference itself", None),
+    Task("reconstruction", "'*' in every stage: the reference itself", None,
+         from_reference=("position", "shape", "colour", "texture", "background")),
     Task("content-aware", "text sets the layout in the first 2 stages (9, 8); '*' in the other 8",
-         _late(8, "*", "a shape on the right"), {"position": "right"}),
+         _late(8, "*", "a shape on the right"), {"position": "right"}, from_reference=("shape", "colour", "texture")),
     Task("material-aware", "'*' only in the last 5 stages (4..0), as the official example: its texture and colour "
-         "onto a text shape", _late(5, "*", "a plain blue square on the top"), {"shape": "square", "position": "top"}),
+         "onto a text shape", _late(5, "*", "a plain blue square on the top"), {"shape": "square", "position": "top"},
+         from_reference=("colour", "texture")),
     Task("layout-aware", "'*' only in the first 2 stages (9, 8): its layout under a text appearance",
-         _late(8, "a dotted green circle", "*"), {"colour": "green", "texture": "dotted"}),
+         _late(8, "a dotted green circle", "*"), {"colour": "green", "texture": "dotted"},
+         from_reference=("position",)),
     Task("img2img edit", "the edit input (a plain blue circle on the right), strength 0.6, '*' in the last 5 stages",
-         _late(5, "*", "a plain blue circle on the right"), {"shape": "circle", "position": "right"}, img2img=True),
+         _late(5, "*", "a plain blue circle on the right"), {"shape": "circle", "position": "right"}, img2img=True,
+         from_reference=("colour", "texture")),
 ]
+
+TASK_BY_NAME = {t.name: t for t in TASKS}
 
 
 @dataclass
@@ -83,6 +97,11 @@ class DemoReport:
     concept: Path
     readings: dict[str, list[dict[str, str]]]
     seconds: float
+    shown: dict[str, int] = field(default_factory=dict)  # per row, how many images show what its caption claims
+
+    def failed_rows(self) -> list[str]:
+        """Rows that show their claim in fewer than SHOWN images (the report marks them in red)."""
+        return [name for name, k in self.shown.items() if k < min(SHOWN, len(self.readings[name]))]
 
 
 def run_demo(cfg: DemoConfig, model: str | Path | None = None) -> DemoReport:
@@ -103,17 +122,23 @@ def run_demo(cfg: DemoConfig, model: str | Path | None = None) -> DemoReport:
                     guidance_scale=cfg.guidance_scale, scale=cfg.scale)
     save_png(vis.grid, out / "stages.png")
     readings = {name: [read(im).as_dict() for im in images] for name, images in results.items()}
-    figure = _figure(reference, results, cfg)
+    ref_attrs = read(reference).as_dict()
+    shown = {t.name: sum(_shows(r, t.claim(ref_attrs)) for r in readings[t.name]) for t in TASKS}
+    figure = _figure(reference, results, cfg, shown)
     save_png(figure, out / "demo.png")
     for name, images in results.items():
         save_png(make_grid(images, cols=len(images), scale=cfg.scale), out / f"{name.replace(' ', '-')}.png")
     save_png(reference.resize((reference.width * cfg.scale, reference.height * cfg.scale), Image.Resampling.NEAREST),
              out / "reference.png")
     elapsed = time.time() - start
-    page = _html(read(reference).as_dict(), readings, cfg, elapsed)
+    page = _html(ref_attrs, readings, cfg, elapsed, shown)
     (out / "report.html").write_text(page, encoding="utf-8")
-    (out / "readings.json").write_text(json.dumps(readings, indent=1), encoding="utf-8")
-    return DemoReport(out / "demo.png", out / "report.html", concept_path, readings, elapsed)
+    (out / "readings.json").write_text(json.dumps(dict(readings=readings, shown=shown), indent=1), encoding="utf-8")
+    return DemoReport(out / "demo.png", out / "report.html", concept_path, readings, elapsed, shown)
+
+
+def _shows(reading: dict[str, str], claim: dict[str, str]) -> bool:
+    return all(reading.get(a) == v for a, v in claim.items())
 
 
 def _run_task(pp: ProSpectPipeline, task: Task, cfg: DemoConfig) -> list[Image.Image]:
@@ -124,22 +149,32 @@ def _run_task(pp: ProSpectPipeline, task: Task, cfg: DemoConfig) -> list[Image.I
     return result.images
 
 
-def _figure(reference: Image.Image, results: dict[str, list[Image.Image]], cfg: DemoConfig) -> Image.Image:
-    """One row per task (reference first), labelled."""
+def _figure(reference: Image.Image, results: dict[str, list[Image.Image]], cfg: DemoConfig,
+            shown: dict[str, int]) -> Image.Image:
+    """One row per task (reference first), labelled with how many images show the row's claim; red if too few."""
     cols, size = cfg.samples, next(iter(results.values()))[0].size
     images = [reference.resize(size)] + [Image.new("RGB", size, "white")] * (cols - 1)
-    labels = ["reference"] + [""] * (cols - 1)
+    labels, colours = ["reference"] + [""] * (cols - 1), ["black"] * cols
     for name, ims in results.items():
+        ok = shown[name] >= min(SHOWN, len(ims))
         images += ims
-        labels += [name] + [""] * (len(ims) - 1)
-    return make_grid(images, cols=cols, labels=labels, scale=cfg.scale)
+        labels += [name, f"{shown[name]}/{len(ims)} {'ok' if ok else 'NOT SHOWN'}"] + [""] * (len(ims) - 2)
+        colours += ["black" if ok else "red"] * len(ims)
+    return make_grid(images, cols=cols, labels=labels, scale=cfg.scale, label_colours=colours)
 
 
-def _html(reference: dict[str, str], readings: dict, cfg: DemoConfig, seconds: float) -> str:
-    """A short self-contained report: images, stage lists and attribute readings."""
+def _html(reference: dict[str, str], readings: dict, cfg: DemoConfig, seconds: float, shown: dict[str, int]) -> str:
+    """A short self-contained report: images, stage lists, attribute readings and, per row, whether it shows its claim."""
     esc = html.escape
     rows = []
     for task in TASKS:
+        n, k = len(readings[task.name]), shown[task.name]
+        claim = ", ".join(f"{a}={esc(v)}" for a, v in task.claim(reference).items())
+        if k >= min(SHOWN, n):
+            verdict = f"<p class='ok'>Shows its claim ({claim}) in {k} of {n} images.</p>"
+        else:
+            verdict = (f"<p class='fail'>Does not show its claim ({claim}): only {k} of {n} images do "
+                       f"(a row needs {min(SHOWN, n)}). This row is not a result.</p>")
         words = task.prospect_words or ["*"] * 10
         stage_list = "<br>".join(f"{i}: {esc(w)}" for i, w in enumerate(words))
         cells = []
@@ -149,13 +184,15 @@ def _html(reference: dict[str, str], readings: dict, cfg: DemoConfig, seconds: f
                 source = "text" if task.from_text.get(attr) == value else ("ref" if reference[attr] == value else "other")
                 marks.append(f"{attr}={esc(value)} <i>({source})</i>")
             cells.append("<li>" + ", ".join(marks) + "</li>")
-        rows.append(f"<h2>{esc(task.name)}</h2><p>{esc(task.description)}</p>"
+        rows.append(f"<h2 class='{'ok' if k >= min(SHOWN, n) else 'fail'}'>{esc(task.name)}</h2>"
+                    f"<p>{esc(task.description)}</p>{verdict}"
                     f"<img src='{esc(task.name.replace(' ', '-'))}.png'>"
                     f"<details><summary>stage prompts (index 0 = generation ends)</summary><p>{stage_list}</p></details>"
                     f"<ul>{''.join(cells)}</ul>")
     ref = ", ".join(f"{k}={esc(v)}" for k, v in reference.items())
     return ("<!doctype html><meta charset='utf-8'><title>ProSpect demo</title>"
-            "<style>body{font-family:sans-serif;max-width:60em;margin:auto}img{image-rendering:pixelated}</style>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:auto}img{image-rendering:pixelated}"
+            ".fail{color:#c00000;font-weight:bold}.ok{color:#006000}</style>"
             f"<h1>ProSpect demo</h1><p>Reference ({ref}):</p><img src='reference.png'>"
             f"<p>Inversion: {cfg.inversion_steps} steps, seed {cfg.seed}; sampling: DDIM {cfg.num_inference_steps} steps, "
             f"guidance {cfg.guidance_scale}; total {seconds:.0f} s.</p>"

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .concept import Concept, add_concept, init_embeddings, stage_token
+from .concept import Concept, add_concept, init_embeddings
 from .data import prepare, to_tensor
 from .stages import StageMap
 
@@ -39,6 +39,8 @@ class InversionConfig:
     placeholder: str = "*"  # the word prompts use for the concept
     initializer: str = "object"  # word whose embedding starts every stage's token
     num_stages: int = 10  # N, the number of per-stage tokens
+    vectors_per_stage: int = 1  # V, prompt tokens each stage's token stands for (diffusers' --num_vectors)
+    parameterization: str = "free"  # "free": N independent tokens; "shared": a shared token + a per-stage delta
     steps: int = 500  # optimisation steps
     lr: float = 5e-3  # AdamW learning rate of the token rows
     batch_size: int = 10  # samples per step (global, over all processes)
@@ -56,7 +58,7 @@ class InversionConfig:
 
 def check_config(cfg: InversionConfig) -> None:
     """Refuse settings that would crash mid-run or silently learn nothing (before any model loads)."""
-    for name in ("steps", "batch_size", "num_stages"):
+    for name in ("steps", "batch_size", "num_stages", "vectors_per_stage"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise InversionError(f"{name} must be an integer >= 1, got {value!r}")
@@ -66,6 +68,10 @@ def check_config(cfg: InversionConfig) -> None:
         raise InversionError(f"checkpoint_every must be >= 0 (0 = no checkpoints), got {cfg.checkpoint_every}")
     if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8):
         raise InversionError(f"resolution must be a positive multiple of 8, got {cfg.resolution}")
+    if cfg.parameterization not in ("free", "shared"):
+        raise InversionError(f"parameterization must be 'free' or 'shared', got {cfg.parameterization!r}")
+    if not 0.0 <= cfg.flip_p <= 1.0:  # also catches NaN
+        raise InversionError(f"flip_p must be a probability in [0, 1], got {cfg.flip_p}")
     if not cfg.lr >= 0:  # also catches NaN
         raise InversionError(f"lr must be >= 0, got {cfg.lr}")
     if not cfg.templates:
@@ -89,15 +95,36 @@ class StepLog:
 
 
 class _ConceptRows(torch.nn.Module):
-    """Input-embedding layer: the frozen table, with the concept's rows read from a trainable tensor."""
+    """Input-embedding layer: the frozen table, with the concept's rows read from trainable tensors.
 
-    def __init__(self, base: torch.nn.Embedding, token_ids: list[int], rows: torch.Tensor):
+    ``stages`` > 0 couples the stages (``parameterization="shared"``): row (k, v) = shared[v] + delta[k, v],
+    so what every stage needs is learned from the whole batch and each stage learns only its difference.
+    """
+
+    def __init__(self, base: torch.nn.Embedding, token_ids: list[int], rows: torch.Tensor, stages: int = 0):
         super().__init__()
         self.base = base
-        self.rows = torch.nn.Parameter(rows.clone())
+        if stages:
+            per_stage = rows.reshape(stages, -1, rows.shape[-1])
+            self.shared = torch.nn.Parameter(per_stage.mean(0).clone())
+            self.delta = torch.nn.Parameter((per_stage - per_stage.mean(0)).reshape(rows.shape).clone())
+        else:
+            self.shared = None
+            self.delta = torch.nn.Parameter(rows.clone())
         slot = torch.full((base.num_embeddings,), -1, dtype=torch.long)
         slot[torch.tensor(token_ids)] = torch.arange(len(token_ids))
         self.register_buffer("slot", slot, persistent=False)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The concept's rows, in ``Concept.tokens()`` order."""
+        if self.shared is None:
+            return self.delta
+        vectors = self.shared.shape[0]
+        return (self.delta.reshape(-1, vectors, self.delta.shape[-1]) + self.shared).reshape(self.delta.shape)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [self.delta] if self.shared is None else [self.shared, self.delta]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
@@ -191,20 +218,21 @@ def invert(
         part.requires_grad_(False).eval().to(device)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     stage_map = StageMap(cfg.num_stages, sched.config.num_train_timesteps)
-    init = init_embeddings(pipe.tokenizer, pipe.text_encoder, cfg.initializer, cfg.num_stages)
+    init = init_embeddings(pipe.tokenizer, pipe.text_encoder, cfg.initializer, cfg.num_stages, cfg.vectors_per_stage)
     concept = Concept(placeholder=cfg.placeholder, embeddings=init, num_train_timesteps=sched.config.num_train_timesteps,
                       initializer=cfg.initializer, base_model=str(pipe.config.get("_name_or_path", "") or ""))
     token_ids = add_concept(pipe.tokenizer, pipe.text_encoder, concept)
     base = pipe.text_encoder.get_input_embeddings()
-    layer = _ConceptRows(base, token_ids, init.to(device)).to(device)
-    opt = torch.optim.AdamW([layer.rows], lr=cfg.lr, weight_decay=0.0)
+    coupled = cfg.num_stages if cfg.parameterization == "shared" else 0
+    layer = _ConceptRows(base, token_ids, concept.rows().to(device), coupled).to(device)
+    opt = torch.optim.AdamW(layer.trainable(), lr=cfg.lr, weight_decay=0.0)
     fingerprint, start = _fingerprint(images, cfg), 0
     ckpt = Path(checkpoint) if checkpoint else None
     if resume and ckpt is not None and ckpt.exists():
         start = _resume(ckpt, fingerprint, layer, opt)
     mean, std = _cache_latents(pipe, images, cfg, device)
     scale = pipe.vae.config.scaling_factor
-    captions = {(k, j): tpl.format(stage_token(cfg.placeholder, k)) for k in range(cfg.num_stages) for j, tpl in enumerate(cfg.templates)}
+    captions = {(k, j): tpl.format(concept.prompt_text(k)) for k in range(cfg.num_stages) for j, tpl in enumerate(cfg.templates)}
     rank, world = accelerator.process_index, accelerator.num_processes
     unet_dtype = pipe.unet.dtype  # a property that walks every module: read it once
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="inversion",
@@ -236,7 +264,8 @@ def invert(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:
-                layer.rows.grad = accelerator.reduce(layer.rows.grad, "mean")
+                for param in layer.trainable():
+                    param.grad = accelerator.reduce(param.grad, "mean")
             opt.step()
             if on_step is not None:
                 on_step(StepLog(step, loss_all.item(), [k for k, _ in keys]))
@@ -256,14 +285,14 @@ def invert(
     finally:
         bar.close()  # ends the bar's line, so an error message starts on a line of its own
         pipe.text_encoder.set_input_embeddings(base)
-    concept.embeddings = layer.rows.detach().float().cpu()
+    concept.embeddings = layer.rows.detach().float().cpu().reshape(init.shape)
     add_concept(pipe.tokenizer, pipe.text_encoder, concept)
     return concept
 
 
 def _validate(validate, step: int, concept: Concept, layer: _ConceptRows, base, pipe) -> None:
     """Hand the current concept to ``validate`` with the plain embedding table in place (rows written)."""
-    snapshot = replace(concept, embeddings=layer.rows.detach().float().cpu())
+    snapshot = replace(concept, embeddings=layer.rows.detach().float().cpu().reshape(concept.embeddings.shape))
     pipe.text_encoder.set_input_embeddings(base)
     try:
         add_concept(pipe.tokenizer, pipe.text_encoder, snapshot)
@@ -273,12 +302,17 @@ def _validate(validate, step: int, concept: Concept, layer: _ConceptRows, base, 
 
 
 def _save(path: Path, layer: _ConceptRows, opt, step: int, fingerprint: str, cfg: InversionConfig) -> None:
-    state = {"rows": layer.rows.detach(), "opt": opt.state_dict(), "step": step, "fingerprint": fingerprint,
+    state = {**{name: p.detach() for name, p in _params(layer).items()}, "opt": opt.state_dict(), "step": step, "fingerprint": fingerprint,
              "config": json.loads(json.dumps(asdict(cfg), default=list))}
     try:
         save_checkpoint(state, path)
     except OSError as err:
         raise InversionError(f"cannot write checkpoint {path}: {err.strerror or err}; the previous one is kept") from err
+
+
+def _params(layer: _ConceptRows) -> dict[str, torch.nn.Parameter]:
+    """What a checkpoint holds of the layer: its rows (free), or the shared part and the deltas."""
+    return {"rows": layer.delta} if layer.shared is None else {"shared": layer.shared, "delta": layer.delta}
 
 
 def _resume(path: Path, fingerprint: str, layer: _ConceptRows, opt) -> int:
@@ -290,6 +324,7 @@ def _resume(path: Path, fingerprint: str, layer: _ConceptRows, opt) -> int:
     if state.get("fingerprint") != fingerprint:
         raise InversionError(f"cannot resume from {path}: it was made with other images or settings (delete it to start over)")
     with torch.no_grad():
-        layer.rows.copy_(state["rows"].to(layer.rows.device))
+        for name, param in _params(layer).items():
+            param.copy_(state[name].to(param.device))
     opt.load_state_dict(state["opt"])
     return int(state["step"])

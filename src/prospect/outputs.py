@@ -52,8 +52,9 @@ def read_parameters(path: str | Path) -> dict:
 
 
 def make_grid(images: list[Image.Image], cols: int | None = None, labels: list[str] | None = None,
-              scale: int = 1) -> Image.Image:
-    """Tile images in a grid (optionally upscaled, nearest neighbour), each with an optional label."""
+              scale: int = 1, label_colours: list[str] | None = None) -> Image.Image:
+    """Tile images in a grid (optionally upscaled, nearest neighbour), each with an optional label (black,
+    or its entry of ``label_colours``)."""
     if not images:
         raise ValueError("no images to tile")
     cols = cols or math.ceil(math.sqrt(len(images)))
@@ -67,5 +68,6 @@ def make_grid(images: list[Image.Image], cols: int | None = None, labels: list[s
         x, y = (i % cols) * w, (i // cols) * (h + pad)
         grid.paste(im.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (x, y + pad))
         if labels:
-            draw.text((x + 2, y + 1), labels[i][: max(4, w // 6)], fill="black", font=font)
+            fill = label_colours[i] if label_colours else "black"
+            draw.text((x + 2, y + 1), labels[i][: max(4, w // 6)], fill=fill, font=font)
     return grid

@@ -95,7 +95,7 @@ class ProSpectPipeline:
             prospect_words,
             num_stages=self.num_stages,
             placeholders=tuple(concepts),
-            token_for=(lambda p, k: concepts[p].token(k)) if concepts else None,
+            token_for=(lambda p, k: concepts[p].prompt_text(k)) if concepts else None,
             num_inference_steps=num_inference_steps,
         )
 
