@@ -42,17 +42,19 @@ class BenchConfig:
     out: Path = Path("out/transfer")
     references: int = 20  # reference scenes (one concept of each method per reference)
     steps: int = 150  # inversion steps, both methods
-    lr: float = 2e-3  # inversion learning rate, both methods
+    lr: float = 5e-3  # inversion learning rate, both methods (2e-3 before #12: docs/inversion-fidelity.md)
     batch_size: int = 10  # inversion batch, both methods
     initializer: str = "shape"  # names no attribute value
-    flip_p: float = 0.5  # inversion's horizontal-flip probability, both methods
-    vectors: int = 1  # vectors per stage, both methods (TI: vectors of its one token)
+    flip_p: float = 0.0  # inversion's horizontal-flip probability, both methods (0.5 before #12)
+    vectors: int = 6  # vectors per stage, both methods (TI: vectors of its one token; 1 before #12)
+    parameterization: str = "free"  # ProSpect's stage coupling ("free" or "shared"; TI has one stage either way)
     seed: int = 0  # reference scenes, text attributes, inversions and image seeds derive from it
     seeds: int = 4  # images per reference per condition
     num_inference_steps: int = 20  # DDIM steps
     guidance_scale: float = 5.0
     sweep: tuple[int, ...] = tuple(range(2, 9))  # split points k of the texture and layout sweeps
     n_boot: int = 2000  # bootstrap resamples
+    mix_split: int = 5  # mixing: A's tokens in stages >= mix_split (layout), B's below (material)
     chosen: tuple[tuple[str, int, int], ...] = ()  # (task, lo, hi): ProSpect splits chosen on a pilot run, reported
     # beside the a-priori ones; choose them on other references (another --seed), never on the reported ones
 
@@ -125,7 +127,7 @@ def learn(pp: ProSpectPipeline, image: Image.Image, num_stages: int, path: Path,
     start = time.time()
     inv = InversionConfig(initializer=cfg.initializer, num_stages=num_stages, steps=cfg.steps, lr=cfg.lr,
                           batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=50, flip_p=cfg.flip_p,
-                          vectors_per_stage=cfg.vectors)
+                          vectors_per_stage=cfg.vectors, parameterization=cfg.parameterization)
     ckpt = path.with_suffix(".ckpt")
     concept = invert(pp.pipe, [image], inv, checkpoint=ckpt, resume=True, progress=False)
     concept.save(path)
@@ -185,7 +187,7 @@ def _example_grid(scene: world.Scene, examples, path: Path) -> None:
     make_grid(images, cols=cols, labels=labels, scale=4).save(path)
 
 
-MIX_SPLIT = 5  # mixing: A's tokens in stages >= 5 (layout, first half), B's below (material), fixed a priori
+MIX_SPLIT = 5  # mixing's a-priori split: A's tokens in stages >= 5 (layout, first half), B's below (material)
 MIX_FROM_A, MIX_FROM_B = ("position", "shape"), ("texture",)
 
 
@@ -208,7 +210,8 @@ def mix_prompts(method: str, split: int = MIX_SPLIT, n: int = 10) -> str:
 
 def run_mix(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path]) -> dict:
     """Readings of 'layout of A + texture of B' (A = reference r, B = its partner), both methods, cached."""
-    cache = dirs["readings"] / f"mix{r:03d}.json"
+    tail = "" if cfg.mix_split == MIX_SPLIT else f"-k{cfg.mix_split}"
+    cache = dirs["readings"] / f"mix{r:03d}{tail}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     b, seeds, readings = mix_partner(cfg, r), image_seeds(cfg, r), {}
@@ -217,7 +220,7 @@ def run_mix(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path]) -> dict:
             c, _ = learn(pp, world.render_pil(reference_scene(cfg.seed, ref)), n,
                          dirs["concepts"] / f"ref{ref:03d}-{method}.safetensors", cfg)
             pp.load_concept(Concept(placeholder=name, embeddings=c.embeddings.expand(pp.num_stages, *c.embeddings.shape[1:])))
-        images = generate(pp, [mix_prompts(method)] * len(seeds), seeds, cfg)
+        images = generate(pp, [mix_prompts(method, cfg.mix_split)] * len(seeds), seeds, cfg)
         readings[method] = [g.as_dict() for g in read_batch(images)]
     cache.write_text(json.dumps(dict(partner=b, **readings)))
     return readings
@@ -292,7 +295,7 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
     """The tables of results.md (also printed)."""
     lines = [f"Attribute transfer on the toy world: {n_refs} references x {cfg.seeds} images per task; "
              f"inversion {cfg.steps} steps, lr {cfg.lr}, batch {cfg.batch_size}, initializer '{cfg.initializer}', "
-             f"flip p {cfg.flip_p}, {cfg.vectors} vector(s) per stage; "
+             f"flip p {cfg.flip_p}, {cfg.vectors} vector(s) per stage, {cfg.parameterization} stages; "
              f"DDIM {cfg.num_inference_steps}, CFG {cfg.guidance_scale}. 95 % intervals: Wilson over images "
              "(assumes independent images) and bootstrap over references (the one to read).", "",
              "| task | method | success | Wilson 95 % | bootstrap 95 % (refs) | " + " | ".join(world.ATTRIBUTES) + " |",
@@ -322,7 +325,7 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
     if "mix" in summary:
         m = summary["mix"]
         lines += ["", f"Mixing two concepts: layout (position, shape) of reference A + texture of reference B (B: the next "
-                  f"reference unlike A in all three); ProSpect <a> in stages >= {MIX_SPLIT}, <b> below; TI 'a <b> <a>' in "
+                  f"reference unlike A in all three); ProSpect <a> in stages >= {cfg.mix_split}, <b> below; TI 'a <b> <a>' in "
                   "every stage:", "", "| method | success | bootstrap 95 % (refs) | position (A) | shape (A) | texture (B) |",
                   "|---|---|---|---|---|---|"]
         for method in ("prospect", "ti"):
@@ -380,7 +383,8 @@ def run(cfg: BenchConfig) -> dict:
         raise ValueError("the benchmark's splits are written for N = 10 stages")
     inv_key = _key(dict(model=model_fingerprint(pp), steps=cfg.steps, lr=cfg.lr, batch=cfg.batch_size,
                         init=cfg.initializer, seed=cfg.seed, **({"flip_p": cfg.flip_p} if cfg.flip_p != 0.5 else {}),
-                        **({"vectors": cfg.vectors} if cfg.vectors != 1 else {})))
+                        **({"vectors": cfg.vectors} if cfg.vectors != 1 else {}),
+                        **({"parameterization": cfg.parameterization} if cfg.parameterization != "free" else {})))
     gen_key = _key(dict(inv=inv_key, seeds=cfg.seeds, steps=cfg.num_inference_steps, cfg=cfg.guidance_scale))
     dirs = {"out": cfg.out, "concepts": cfg.out / "concepts" / inv_key, "readings": cfg.out / "readings" / gen_key}
     for p in dirs.values():
@@ -422,16 +426,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=BenchConfig.out, help="output folder (also the cache)")
     p.add_argument("--references", type=int, help="reference scenes (default 20)")
     p.add_argument("--steps", type=int, help="inversion steps of both methods (default 150)")
-    p.add_argument("--lr", type=float, help="inversion learning rate (default 2e-3)")
+    p.add_argument("--lr", type=float, help="inversion learning rate (default 5e-3)")
     p.add_argument("--seeds", type=int, help="images per reference per condition (default 4)")
-    p.add_argument("--flip-p", type=float, help="inversion flip probability, both methods (default 0.5)")
-    p.add_argument("--vectors", type=int, help="vectors per stage, both methods (default 1)")
+    p.add_argument("--flip-p", type=float, help="inversion flip probability, both methods (default 0)")
+    p.add_argument("--vectors", type=int, help="vectors per stage, both methods (default 6)")
+    p.add_argument("--parameterization", choices=("free", "shared"), help="ProSpect's stage coupling (default free)")
     p.add_argument("--initializer", help="initializer word(s), both methods (default 'shape')")
     p.add_argument("--batch-size", type=int, help="inversion batch, both methods (default 10)")
     p.add_argument("--num-inference-steps", type=int, help="DDIM steps (default 20)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale (default 5)")
     p.add_argument("--sweep", help="split points k of the sweeps, comma separated (default 2..8; 0..10 adds text-only and all-stage ends)")
     p.add_argument("--seed", type=int, help="seed of everything (default 0)")
+    p.add_argument("--mix-split", type=int, help="mixing: A's tokens in stages >= K, B's below (default 5)")
     p.add_argument("--chosen", action="append", metavar="TASK:LO-HI",
                    help="a ProSpect split chosen on a pilot run (another --seed), e.g. texture:0-8; repeatable")
     p.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))

@@ -51,7 +51,9 @@ def test_generate_writes_pngs_with_parameters_and_a_grid(trained, tiny_model_dir
     assert files == ["7-000.png", "7-001.png", "7-grid.png"]
     params = read_parameters(out / "7-000.png")
     assert params["seed"] == 7 and params["prospect_words"][9] == 9 and params["num_inference_steps"] == 4
-    assert params["stage_prompts"][0] == "a <*:s0> dog" and params["stage_prompts"][9] == "<*:s9>"
+    concept = Concept.load(trained)  # the default: several vectors per stage, all in the prompt
+    assert params["stage_prompts"][0] == f"a {concept.prompt_text(0)} dog" and params["stage_prompts"][9] == concept.prompt_text(9)
+    assert params["stage_prompts"][0].startswith("a <*:s0> <*:s0:1> ")
     assert "7-grid.png" in capsys.readouterr().out
 
 

@@ -32,7 +32,7 @@ def test_demo_writes_figure_report_and_concept(tmp_path):
 def test_a_row_shows_its_claim_only_with_every_claimed_attribute():
     ref = REFERENCE.attributes()
     material = TASK_BY_NAME["material-aware"]
-    assert material.claim(ref) == {"colour": ref["colour"], "texture": ref["texture"], **material.from_text}
+    assert material.claim(ref) == {"texture": ref["texture"], **material.from_text}
     right = world.Scene(**{**ref, **material.from_text})
     assert _shows(read(world.render_pil(right)).as_dict(), material.claim(ref))
     assert not _shows(read(world.render_pil(right.with_(texture="plain"))).as_dict(), material.claim(ref))

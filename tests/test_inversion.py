@@ -41,7 +41,7 @@ def _fixed_loss(pipe, concept, image):
     return total
 
 
-CFG = dict(initializer="cat", steps=40, lr=5e-2, batch_size=10, checkpoint_every=0)
+CFG = dict(initializer="cat", steps=40, lr=5e-2, batch_size=10, checkpoint_every=0, vectors_per_stage=1)
 
 
 def test_loss_falls_and_only_the_concept_rows_change(tiny_pipe):

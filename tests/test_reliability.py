@@ -335,7 +335,8 @@ def test_several_token_initializer_starts_from_the_mean(tiny_model_dir, refs, tm
     assert len(ids) == 3
     table = CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder").get_input_embeddings().weight.detach()
     concept = Concept.load(out)
-    torch.testing.assert_close(concept.embeddings, table[ids].mean(0).expand(10, -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(concept.embeddings, table[ids].mean(0).expand_as(concept.embeddings), rtol=0, atol=1e-6)
+    assert concept.embeddings.shape[:2] == (10, 6)  # 3 tokens for 6 vectors: every vector starts from the mean
     _note("setting (works)", "--init-word 'teddy bear plush' (3 tokens)", code, stdout.strip().splitlines()[-1])
 
 

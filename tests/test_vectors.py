@@ -94,3 +94,15 @@ def test_inversion_with_several_vectors_trains_only_their_rows(tiny_pipe):
     torch.testing.assert_close(after[ids], concept.rows())
     assert not torch.allclose(concept.embeddings, start)  # both vectors of each stage moved
     assert (concept.embeddings - start).flatten(2).norm(dim=2).min() > 0
+
+
+def test_mixing_two_concepts_takes_each_in_its_stages_as_the_readme_shows(tiny_pipe):
+    from prospect.pipeline import ProSpectPipeline
+
+    pp = ProSpectPipeline(tiny_pipe)
+    a, b = (pp.load_concept(_concept(n=10, v=2, placeholder=p)) for p in ("<a>", "<b>"))
+    words = pp.stage_prompts("*", ["<b>"] * 5 + ["<a>"] * 5)
+    assert words == [b.prompt_text(k) for k in range(5)] + [a.prompt_text(k) for k in range(5, 10)]
+    assert pp.stage_prompts("[<a>:<b>:0.5]") == words  # the command line's way of writing it
+    out = pp("*", prospect_words=["<b>"] * 5 + ["<a>"] * 5, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    assert out.stage_prompts[0] == words and len(out.images) == 1

@@ -39,14 +39,16 @@ class InversionConfig:
     placeholder: str = "*"  # the word prompts use for the concept
     initializer: str = "object"  # word whose embedding starts every stage's token
     num_stages: int = 10  # N, the number of per-stage tokens
-    vectors_per_stage: int = 1  # V, prompt tokens each stage's token stands for (diffusers' --num_vectors)
+    vectors_per_stage: int = 6  # V, prompt tokens each stage's token stands for (diffusers' --num_vectors);
+    # 6, not 1: on the embedded model one vector per stage reconstructs 0.09, six 0.47 (docs/inversion-fidelity.md)
     parameterization: str = "free"  # "free": N independent tokens; "shared": a shared token + a per-stage delta
     steps: int = 500  # optimisation steps
     lr: float = 5e-3  # AdamW learning rate of the token rows
     batch_size: int = 10  # samples per step (global, over all processes)
     resolution: int | None = None  # training size in pixels; None = the model's default size
     crop: str = "center"  # "center" (square crop, then resize) or "none" (stretch, as official)
-    flip_p: float = 0.5  # probability of a horizontal flip
+    flip_p: float = 0.0  # probability of a horizontal flip; 0, not the official 0.5: a flip mirrors the layout,
+    # which ProSpect transfers (left becomes right); 0.5 suits a left-right symmetric subject
     templates: Sequence[str] = ("{}",)  # caption templates; "{}" is the concept token (official)
     stratified: bool = True  # every step (or every N/batch steps) covers all stages
     seed: int = 0  # everything random derives from it
@@ -223,7 +225,7 @@ def invert(
                       initializer=cfg.initializer, base_model=str(pipe.config.get("_name_or_path", "") or ""))
     token_ids = add_concept(pipe.tokenizer, pipe.text_encoder, concept)
     base = pipe.text_encoder.get_input_embeddings()
-    coupled = cfg.num_stages if cfg.parameterization == "shared" else 0
+    coupled = cfg.num_stages if cfg.parameterization == "shared" and cfg.num_stages > 1 else 0  # one stage: nothing to couple
     layer = _ConceptRows(base, token_ids, concept.rows().to(device), coupled).to(device)
     opt = torch.optim.AdamW(layer.trainable(), lr=cfg.lr, weight_decay=0.0)
     fingerprint, start = _fingerprint(images, cfg), 0
