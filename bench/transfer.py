@@ -135,6 +135,12 @@ def learn(pp: ProSpectPipeline, image: Image.Image, num_stages: int, path: Path,
     return concept, time.time() - start
 
 
+def in_every_stage(concept: Concept, placeholder: str, num_stages: int) -> Concept:
+    """The concept under ``placeholder``; a TI concept's one stage repeated in every stage (same pipeline path)."""
+    emb = concept.embeddings
+    return Concept(placeholder=placeholder, embeddings=emb.expand(num_stages, *emb.shape[1:]) if len(emb) == 1 else emb)
+
+
 def generate(pp: ProSpectPipeline, prompts: list[str], seeds: list[int], cfg: BenchConfig) -> list[Image.Image]:
     images = []
     for i in range(0, len(prompts), BATCH):
@@ -159,7 +165,7 @@ def run_reference(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path], todo: lis
         concept, spent = learn(pp, image, n, dirs["concepts"] / f"ref{r:03d}-{method}.safetensors", cfg)
         seconds["inversion"] += spent
         # TI's one row repeated in every stage: one token for all timesteps, same pipeline code path.
-        pp.load_concept(Concept(placeholder="*", embeddings=concept.embeddings.expand(pp.num_stages, *concept.embeddings.shape[1:])))
+        pp.load_concept(in_every_stage(concept, "*", pp.num_stages))
         mine = [c for c in missing if c.method == method or (method == "ti" and c.method == "caption")]
         start = time.time()
         prompts = [c.prompt(scene, texts[c.task.name]) for c in mine for _ in seeds]
@@ -219,7 +225,7 @@ def run_mix(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path]) -> dict:
         for name, ref in (("<a>", r), ("<b>", b)):
             c, _ = learn(pp, world.render_pil(reference_scene(cfg.seed, ref)), n,
                          dirs["concepts"] / f"ref{ref:03d}-{method}.safetensors", cfg)
-            pp.load_concept(Concept(placeholder=name, embeddings=c.embeddings.expand(pp.num_stages, *c.embeddings.shape[1:])))
+            pp.load_concept(in_every_stage(c, name, pp.num_stages))
         images = generate(pp, [mix_prompts(method, cfg.mix_split)] * len(seeds), seeds, cfg)
         readings[method] = [g.as_dict() for g in read_batch(images)]
     cache.write_text(json.dumps(dict(partner=b, **readings)))

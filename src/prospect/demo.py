@@ -23,7 +23,7 @@ from .inversion import InversionConfig, invert
 from .outputs import ensure_dir, make_grid, save_png
 from .pipeline import ProSpectPipeline
 from .visualize import visualize
-from .world_reader import read
+from .world_reader import Reading, read
 
 REFERENCE = world.Scene(position="left", shape="triangle", colour="red", texture="checkered", background="light")
 EDIT_INPUT = world.Scene(position="right", shape="circle", colour="blue", texture="plain", background="light")
@@ -114,7 +114,7 @@ class DemoReport:
 
     def failed_rows(self) -> list[str]:
         """Rows that show their claim in fewer than SHOWN images (the report marks them in red)."""
-        return [name for name, k in self.shown.items() if k < min(SHOWN, len(self.readings[name]))]
+        return [name for name, k in self.shown.items() if not _enough(k, len(self.readings[name]))]
 
 
 def run_demo(cfg: DemoConfig, model: str | Path | None = None) -> DemoReport:
@@ -151,7 +151,12 @@ def run_demo(cfg: DemoConfig, model: str | Path | None = None) -> DemoReport:
 
 
 def _shows(reading: dict[str, str], claim: dict[str, str]) -> bool:
-    return all(reading.get(a) == v for a, v in claim.items())
+    return all(Reading(**reading).matches(claim).values())
+
+
+def _enough(shown: int, n: int) -> bool:
+    """Whether a row of n images shows its claim: SHOWN of them (all, for a row of fewer)."""
+    return shown >= min(SHOWN, n)
 
 
 def _run_task(pp: ProSpectPipeline, task: Task, cfg: DemoConfig) -> list[Image.Image]:
@@ -169,7 +174,7 @@ def _figure(reference: Image.Image, results: dict[str, list[Image.Image]], cfg: 
     images = [reference.resize(size)] + [Image.new("RGB", size, "white")] * (cols - 1)
     labels, colours = ["reference"] + [""] * (cols - 1), ["black"] * cols
     for name, ims in results.items():
-        ok = shown[name] >= min(SHOWN, len(ims))
+        ok = _enough(shown[name], len(ims))
         images += ims
         labels += [name, f"{shown[name]}/{len(ims)} {'ok' if ok else 'NOT SHOWN'}"] + [""] * (len(ims) - 2)
         colours += ["black" if ok else "red"] * len(ims)
@@ -183,7 +188,7 @@ def _html(reference: dict[str, str], readings: dict, cfg: DemoConfig, seconds: f
     for task in TASKS:
         n, k = len(readings[task.name]), shown[task.name]
         claim = ", ".join(f"{a}={esc(v)}" for a, v in task.claim(reference).items())
-        if k >= min(SHOWN, n):
+        if _enough(k, n):
             verdict = f"<p class='ok'>Shows its claim ({claim}) in {k} of {n} images.</p>"
         else:
             verdict = (f"<p class='fail'>Does not show its claim ({claim}): only {k} of {n} images do "
@@ -197,7 +202,7 @@ def _html(reference: dict[str, str], readings: dict, cfg: DemoConfig, seconds: f
                 source = "text" if task.from_text.get(attr) == value else ("ref" if reference[attr] == value else "other")
                 marks.append(f"{attr}={esc(value)} <i>({source})</i>")
             cells.append("<li>" + ", ".join(marks) + "</li>")
-        rows.append(f"<h2 class='{'ok' if k >= min(SHOWN, n) else 'fail'}'>{esc(task.name)}</h2>"
+        rows.append(f"<h2 class='{'ok' if _enough(k, n) else 'fail'}'>{esc(task.name)}</h2>"
                     f"<p>{esc(task.description)}</p>{verdict}"
                     f"<img src='{esc(task.name.replace(' ', '-'))}.png'>"
                     f"<details><summary>stage prompts (index 0 = generation ends)</summary><p>{stage_list}</p></details>"

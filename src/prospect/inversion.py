@@ -125,8 +125,9 @@ class _ConceptRows(torch.nn.Module):
         vectors = self.shared.shape[0]
         return (self.delta.reshape(-1, vectors, self.delta.shape[-1]) + self.shared).reshape(self.delta.shape)
 
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return [self.delta] if self.shared is None else [self.shared, self.delta]
+    def parts(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable tensors by checkpoint name: the rows (free), or the shared part and the deltas."""
+        return {"rows": self.delta} if self.shared is None else {"shared": self.shared, "delta": self.delta}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
@@ -227,7 +228,7 @@ def invert(
     base = pipe.text_encoder.get_input_embeddings()
     coupled = cfg.num_stages if cfg.parameterization == "shared" and cfg.num_stages > 1 else 0  # one stage: nothing to couple
     layer = _ConceptRows(base, token_ids, concept.rows().to(device), coupled).to(device)
-    opt = torch.optim.AdamW(layer.trainable(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(list(layer.parts().values()), lr=cfg.lr, weight_decay=0.0)
     fingerprint, start = _fingerprint(images, cfg), 0
     ckpt = Path(checkpoint) if checkpoint else None
     if resume and ckpt is not None and ckpt.exists():
@@ -266,7 +267,7 @@ def invert(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:
-                for param in layer.trainable():
+                for param in layer.parts().values():
                     param.grad = accelerator.reduce(param.grad, "mean")
             opt.step()
             if on_step is not None:
@@ -304,17 +305,12 @@ def _validate(validate, step: int, concept: Concept, layer: _ConceptRows, base, 
 
 
 def _save(path: Path, layer: _ConceptRows, opt, step: int, fingerprint: str, cfg: InversionConfig) -> None:
-    state = {**{name: p.detach() for name, p in _params(layer).items()}, "opt": opt.state_dict(), "step": step, "fingerprint": fingerprint,
+    state = {**{name: p.detach() for name, p in layer.parts().items()}, "opt": opt.state_dict(), "step": step, "fingerprint": fingerprint,
              "config": json.loads(json.dumps(asdict(cfg), default=list))}
     try:
         save_checkpoint(state, path)
     except OSError as err:
         raise InversionError(f"cannot write checkpoint {path}: {err.strerror or err}; the previous one is kept") from err
-
-
-def _params(layer: _ConceptRows) -> dict[str, torch.nn.Parameter]:
-    """What a checkpoint holds of the layer: its rows (free), or the shared part and the deltas."""
-    return {"rows": layer.delta} if layer.shared is None else {"shared": layer.shared, "delta": layer.delta}
 
 
 def _resume(path: Path, fingerprint: str, layer: _ConceptRows, opt) -> int:
@@ -326,7 +322,7 @@ def _resume(path: Path, fingerprint: str, layer: _ConceptRows, opt) -> int:
     if state.get("fingerprint") != fingerprint:
         raise InversionError(f"cannot resume from {path}: it was made with other images or settings (delete it to start over)")
     with torch.no_grad():
-        for name, param in _params(layer).items():
+        for name, param in layer.parts().items():
             param.copy_(state[name].to(param.device))
     opt.load_state_dict(state["opt"])
     return int(state["step"])
