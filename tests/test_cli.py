@@ -116,6 +116,18 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tiny_model_dir, workdir
     assert not (workdir / "x.safetensors").exists()
 
 
+def test_console_script_is_the_cli_and_its_help_lists_the_commands(capsys):
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "prospect"]
+    assert script.load() is main
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("train", "train-many", "generate", "visualize", "export", "info", "demo"):
+        assert cmd in out
+
+
+@pytest.mark.slow
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "prospect.cli", "--help"], capture_output=True, text=True, check=True)
     for cmd in ("train", "generate", "visualize", "export", "demo"):
@@ -145,3 +157,23 @@ def test_bad_inversion_flags_are_one_line_errors(workdir, tiny_model_dir, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("prospect: error:") and match in err[0]
     assert not (workdir / "bad.safetensors").exists()
+
+
+def test_version(capsys):
+    import prospect
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"prospect {prospect.__version__}"
+    assert main(["generate", "--steps", "abc"]) == 2  # argparse's errors: our one line, with where to look
+    assert capsys.readouterr().err == ("prospect: error: argument --steps: invalid int value: 'abc' "
+                                       "(see 'prospect generate --help')\n")
+
+
+def test_concept_records_a_model_name_and_fingerprint_not_a_path(trained, tiny_model_dir, capsys):
+    from prospect.models import fingerprint, load_pipeline
+
+    concept = Concept.load(trained)
+    assert concept.base_model == tiny_model_dir.name and "/" not in concept.base_model
+    assert concept.base_model_fingerprint == fingerprint(load_pipeline(tiny_model_dir))
+    assert concept.base_model_fingerprint.startswith("sha256:") and len(concept.base_model_fingerprint) == 23
+    assert main(["info", str(trained)]) == 0
+    assert f"base model {tiny_model_dir.name!r} ({concept.base_model_fingerprint})" in capsys.readouterr().out

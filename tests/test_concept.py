@@ -392,3 +392,15 @@ def test_from_textual_inversion(tmp_path):
     paths = export_diffusers(orig, tmp_path / "export")
     back = Concept.from_textual_inversion(paths[2], num_stages=1, placeholder="*")
     assert torch.equal(back.embeddings[0], orig.embeddings[2])
+
+
+@pytest.mark.parametrize("given, recorded", [
+    ("/home/alice/models/sd15", "sd15"), ("~/models/sd15/", "sd15"), ("./sd15", "sd15"),
+    ("C:\\Users\\bob\\sd15", "sd15"), ("runwayml/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
+    ("prospect/toy-world", "prospect/toy-world"), ("", ""),
+])
+def test_a_concept_never_carries_a_local_path(given, recorded, tmp_path):
+    """Also for files written before names were recorded: the path is cut to its last part on reading."""
+    c = Concept(embeddings=torch.zeros(2, 4), num_train_timesteps=10, base_model=given)
+    assert c.base_model == recorded
+    assert Concept.load(c.save(tmp_path / "c.safetensors")).base_model == recorded

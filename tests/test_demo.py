@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
+
 from prospect import world
 from prospect.cli import main
 from prospect.demo import REFERENCE, TASK_BY_NAME, TASKS, DemoConfig, _shows, run_demo
@@ -39,8 +43,24 @@ def test_a_row_shows_its_claim_only_with_every_claimed_attribute():
     assert not _shows(read(world.render_pil(REFERENCE)).as_dict(), material.claim(ref))  # a copy of the reference
 
 
-def test_demo_command_prints_where_the_files_are(tmp_path, capsys):
+def test_demo_command_prints_where_the_files_are(tmp_path, capsys, monkeypatch):
+    import functools
+
+    import prospect.demo
+
+    # the command as a user runs it, on a smaller sampling budget (the full one: the slow test below)
+    monkeypatch.setattr(prospect.demo, "DemoConfig", functools.partial(DemoConfig, samples=2, num_inference_steps=4))
     assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "report.html" in out and (tmp_path / "d" / "demo.png").exists()
-    assert "reconstruction: " in out and "images show what the row claims" in out
+    for task in TASKS:  # each row's count, and whether it is shown as a result
+        assert re.search(rf"^{task.name}: [0-2] of 2 images show what the row claims \((ok|NOT SHOWN)\)$", out, re.M), out
+
+
+@pytest.mark.slow
+def test_demo_command_at_its_own_budget(tmp_path, capsys):
+    """The demo end to end with every default but the inversion steps (about 2 min on 2 cores)."""
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "report.html" in out and (tmp_path / "d" / "demo.png").exists()
+    assert out.count("of 4 images show what the row claims") == len(TASKS)

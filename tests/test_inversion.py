@@ -147,11 +147,29 @@ def test_v_prediction_models_train_on_velocity(tiny_vpred_model_dir):
     assert np.mean([l.loss for l in logs[-10:]]) < np.mean([l.loss for l in logs[:10]])
 
 
-def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tiny_pipe, tmp_path):
+def _blow_up_after_first_step(monkeypatch):
+    """The optimiser's step, then the trainable rows made infinite (what a far too high lr does)."""
+    step = torch.optim.AdamW.step
+
+    def blown(self, *a, **k):
+        out = step(self, *a, **k)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", blown)
+
+
+def test_non_finite_rows_and_loss_stop_with_a_message_and_keep_the_checkpoint(tiny_pipe, tmp_path, monkeypatch):
     ckpt = tmp_path / "c.ckpt.safetensors"
     invert(tiny_pipe, _images(1), InversionConfig(**dict(CFG, steps=5, checkpoint_every=5)), checkpoint=ckpt, progress=False)
     good = ckpt.read_bytes()
-    with pytest.raises(InversionError, match="loss became"):
-        invert(tiny_pipe, _images(1), InversionConfig(**dict(CFG, steps=10, checkpoint_every=5, lr=float("inf"))),
+    _blow_up_after_first_step(monkeypatch)
+    with pytest.raises(InversionError, match="token embeddings became non-finite at step 0; no checkpoint written"):
+        invert(tiny_pipe, _images(1), InversionConfig(**dict(CFG, steps=1, checkpoint_every=5)),
                checkpoint=tmp_path / "d.ckpt.safetensors", progress=False)
-    assert ckpt.read_bytes() == good
+    with pytest.raises(InversionError, match="loss became"):  # the step after inf rows
+        invert(tiny_pipe, _images(1), InversionConfig(**dict(CFG, steps=10, checkpoint_every=5)),
+               checkpoint=tmp_path / "d.ckpt.safetensors", progress=False)
+    assert ckpt.read_bytes() == good and not (tmp_path / "d.ckpt.safetensors").exists()

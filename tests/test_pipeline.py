@@ -44,6 +44,25 @@ def test_same_prompt_everywhere_equals_stock_img2img(tiny_pipe):
     np.testing.assert_allclose(ours, stock, atol=1e-5)
 
 
+@pytest.mark.parametrize("listed", [False, True])
+def test_img2img_several_images_per_prompt_equals_stock_without_deprecated_duplication(tiny_pipe, listed):
+    """One input image, 2 prompts x 2 images each: the images stock img2img makes by duplicating the image
+    (which diffusers deprecates, with a FutureWarning, here silenced for the reference), and no such warning."""
+    import warnings
+
+    img, prompts = _image(), ["a red cube", "a blue cube"]
+    gens = (lambda: [_gen(10 + k) for k in range(4)]) if listed else (lambda: _gen(1))
+    kwargs = dict(strength=0.7, num_inference_steps=STEPS, num_images_per_prompt=2, output_type="np")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        stock = StableDiffusionImg2ImgPipeline(**tiny_pipe.components)(prompts, image=img, generator=gens(), **kwargs).images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ours = ProSpectPipeline(tiny_pipe)(prompts, image=img, generator=gens(), **kwargs).images
+    assert ours.shape[0] == 4 and not np.allclose(ours[0], ours[1])
+    np.testing.assert_allclose(ours, stock, atol=1e-5)
+
+
 class UNetSpy:
     """Records (timestep, encoder_hidden_states) of every UNet call via a forward pre-hook."""
 

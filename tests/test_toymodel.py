@@ -61,6 +61,7 @@ def test_seeded_generation_is_deterministic(toy):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_generated_images_follow_their_captions(toy):
     """A small version of the model card's accuracy table (20 captions; loose thresholds)."""
     from prospect.toymodel.quality import generation_accuracy
@@ -71,6 +72,7 @@ def test_generated_images_follow_their_captions(toy):
     assert acc["shape"] >= 0.8, acc  # chance is 0.33; the 12 px objects of the previous model gave 0.70
 
 
+@pytest.mark.slow
 def test_quality_script_writes_its_tables_plot_and_json(tmp_path, capsys):
     """The model card's measurement, at tiny settings: accuracy, PSNR, spectrum with readability."""
     from prospect.toymodel.quality import decided_at, main
@@ -98,6 +100,7 @@ def _weights(folder, part: str) -> dict:
     return load_file(next((folder / part).glob("*.safetensors")))
 
 
+@pytest.mark.slow
 def test_recipe_resumes_to_the_same_weights_and_continues_from_a_model(tmp_path):
     """The training recipe on tiny settings: an interrupted run resumed equals an uninterrupted one,
     and ``--init-from`` keeps the given model's autoencoder and warm-starts its UNet."""

@@ -21,6 +21,7 @@ _PUBLIC = {
     "load_pipeline": "models",
     "open_image": "data",
     "visualize": "visualize",
+    "set_verbosity": "verbosity",
 }
 __all__ = sorted(_PUBLIC)
 

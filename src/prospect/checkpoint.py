@@ -8,14 +8,14 @@ folder and renamed, so a kill at any moment leaves the last good checkpoint inta
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from .files import atomic_write_bytes
 
 _SEP = "/"
 _TENSOR = "__tensor__"
@@ -49,25 +49,14 @@ def _join(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; never leaves a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write a nested state (tensors + plain values) atomically to one safetensors file."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, "", tensors)
     meta = {"prospect_checkpoint": "1", "tree": json.dumps(skeleton)}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    # serialised in memory and written by Python: a full or read-only disk is an OSError like any other
+    # write's (safetensors' own file writer reports it as a SafetensorError instead)
+    atomic_write_bytes(Path(path), save(tensors, metadata=meta))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -11,6 +11,18 @@ import os
 import sys
 from pathlib import Path
 
+MAX_SEED = 2 ** 63 - 1
+MAX_BATCH = 1024  # images per pipeline call
+MAX_SCALE = 64  # visualize's upscale factor
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as our one line ("prospect: error: ...", exit 2) instead of a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"prospect: error: {message} (see '{self.prog} --help')\n")
+
+
 DEFAULT_MODEL_HELP = "a diffusers folder or a .ckpt/.safetensors file (default: the embedded toy-world model)"
 
 
@@ -63,7 +75,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prospect", description="ProSpect: per-stage textual inversion and prompt-spectrum generation.")
+    from . import __version__
+
+    parser = _Parser(prog="prospect", description="ProSpect: per-stage textual inversion and prompt-spectrum generation.")
+    parser.add_argument("--version", action="version", version=f"prospect {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="learn a concept (one token per stage) from one or a few images")
@@ -118,17 +133,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet() -> None:
-    """Library chatter (loading bars, optional-dependency notes) would bury our one-line errors."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # "critical": diffusers logs an error line before raising it, and we report the raise in one line
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "critical")
-    import diffusers
-    import transformers
+    """Library chatter (loading bars, optional-dependency notes) would bury our one-line errors:
+    "critical", as diffusers logs an error line before raising it and we report the raise in one line
+    (``PROSPECT_VERBOSITY=info`` shows it all)."""
+    from .verbosity import set_verbosity
 
-    if os.environ["DIFFUSERS_VERBOSITY"] == "critical":  # also when diffusers was imported before us
-        diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    set_verbosity(os.environ.get("PROSPECT_VERBOSITY", "critical"))
+
+
+def _check_seed(seed: int, count: int = 1) -> None:
+    """Image k uses seed + k: every one must be a valid generator seed."""
+    if not 0 <= seed <= MAX_SEED - count:
+        raise ValueError(f"--seed must be in [0, 2**63 - 1 - number of images], got {seed}")
+
+
+def _check_device(name: str | None) -> None:
+    """A --device that torch does not know, or that this machine lacks, in one line before any work."""
+    import torch
+
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a torch device; give e.g. cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s); give --device cpu"
+                             + (f" or cuda:0..cuda:{count - 1}" if count else ""))
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; give --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"--device {name}: unsupported device type {device.type!r}; give cpu, cuda or mps")
 
 
 def _load(args):
@@ -151,6 +188,7 @@ def _train_job(args):
     """Read the images and check the settings of one training run, before any model loads."""
     from .concept import Concept  # noqa: F401  (import errors surface before the model loads)
     from .data import find_images, open_image
+    from .files import check_output_folder
     from .inversion import InversionConfig, check_config
 
     images = [open_image(p) for p in find_images(args.images)]
@@ -159,6 +197,9 @@ def _train_job(args):
         raise ValueError(f"--out must end in .safetensors, got {out.name}")
     if not out.parent.exists():
         raise ValueError(f"output folder {out.parent} does not exist")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the concept file to write, e.g. {out / 'concept.safetensors'}")
+    check_output_folder(out.parent)
     cfg = InversionConfig(
         placeholder=args.placeholder, initializer=args.init_word, num_stages=args.stages,
         vectors_per_stage=args.vectors_per_stage, parameterization=args.parameterization, flip_p=args.flip_p,
@@ -178,11 +219,8 @@ def _train(args, images, out: Path, cfg, accelerator=None):
 
     pp = _load(args)
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
-    concept = invert(pp.pipe, images, cfg, checkpoint=ckpt, resume=args.resume, accelerator=accelerator,
-                     validate=_validator(pp, args, out.with_name(out.stem + "-validation")))
-    if args.model is None:
-        concept.base_model = "prospect/toy-world"
-    return concept
+    return invert(pp.pipe, images, cfg, checkpoint=ckpt, resume=args.resume, accelerator=accelerator,
+                  validate=_validator(pp, args, out.with_name(out.stem + "-validation")))
 
 
 def _write_concept(concept, out: Path) -> None:
@@ -276,6 +314,7 @@ def cmd_generate(args) -> None:
     from .concept import Concept
     from .data import open_image
     from .distributed import generate_share, launch_state
+    from .files import check_output_folder
     from .models import SCHEDULERS
     from .outputs import ensure_dir, make_grid, save_png
     from .pipeline import ProSpectPipeline
@@ -297,10 +336,14 @@ def cmd_generate(args) -> None:
         raise ValueError(f"--strength {args.strength} with --steps {args.steps} denoises nothing; raise either")
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise ValueError(f"--batch-size must be in [1, {MAX_BATCH}], got {args.batch_size}")
+    _check_seed(args.seed, args.num_images)
+    check_output_folder(args.out)
     pp = _load(args)
     _load_concepts(pp, args.concept, concepts)
+    ProSpectPipeline.check_arguments(image, args.strength, args.height, args.width, args.steps, args.guidance_scale,
+                                     args.num_images, pp.pipe.scheduler.config.num_train_timesteps)  # this model's
     folder = ensure_dir(args.out)
     state = launch_state()
     paths = [folder / f"{args.seed}-{k:03d}.png" for k in range(args.num_images)]
@@ -324,13 +367,20 @@ def cmd_generate(args) -> None:
 
 
 def cmd_visualize(args) -> None:
+    from .concept import Concept
+    from .files import check_output_folder
     from .outputs import ensure_dir, save_png
+    from .pipeline import ProSpectPipeline
     from .visualize import visualize
 
-    if args.scale < 1 or args.steps < 1:
-        raise ValueError(f"--scale and --steps must be >= 1, got {args.scale} and {args.steps}")
+    if not 1 <= args.scale <= MAX_SCALE:
+        raise ValueError(f"--scale must be in [1, {MAX_SCALE}], got {args.scale}")
+    ProSpectPipeline.check_arguments(None, 0.0, args.height, args.width, args.steps, args.guidance_scale, 1)
+    _check_seed(args.seed)
+    check_output_folder(args.out)
+    read = Concept.load(args.concept)  # a bad file is refused before the model loads
     pp = _load(args)
-    (concept,) = _load_concepts(pp, [args.concept])
+    (concept,) = _load_concepts(pp, [args.concept], [read])
     folder = ensure_dir(args.out)
     vis = visualize(pp, concept.placeholder, seed=args.seed, num_inference_steps=args.steps,
                     guidance_scale=args.guidance_scale, scale=args.scale, height=args.height, width=args.width)
@@ -339,11 +389,13 @@ def cmd_visualize(args) -> None:
 
 def cmd_export(args) -> None:
     from .concept import Concept, export_a1111, export_diffusers
+    from .files import check_output_folder
     from .outputs import ensure_dir
 
     concept = Concept.load(args.concept)
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps must be in [1, 1000] (denoising steps of the A1111 schedule), got {args.steps}")
+    check_output_folder(args.out)
     folder = ensure_dir(args.out)
     if args.format == "diffusers":
         for p in export_diffusers(concept, folder):
@@ -360,7 +412,8 @@ def cmd_info(args) -> None:
 
     c = Concept.load(args.concept)
     print(f"placeholder {c.placeholder!r}, {c.num_stages} stages over {c.num_train_timesteps} timesteps, dim {c.dim}")
-    print(f"initializer {c.initializer!r}, base model {c.base_model or 'unknown'!r}")
+    print(f"initializer {c.initializer!r}, base model {c.base_model or 'unknown'!r}"
+          f"{f' ({c.base_model_fingerprint})' if c.base_model_fingerprint else ''}")
     print(f"{c.vectors_per_stage} vector(s) per stage")
     norms = ", ".join(f"{n:.3f}" for n in c.embeddings.reshape(c.num_stages, -1).norm(dim=1).tolist())
     print(f"row norms (stage 0..{c.num_stages - 1}): {norms}")
@@ -369,27 +422,43 @@ def cmd_info(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
+    from .data import open_image
+    from .files import check_output_folder
+    from .inversion import InversionConfig, check_config
+
     cfg = DemoConfig(out=Path(args.out), image=args.image, seed=args.seed)
     if args.steps is not None:
         cfg.inversion_steps = args.steps
-    report = run_demo(cfg, model=args.model)
+    check_config(InversionConfig(steps=cfg.inversion_steps, seed=cfg.seed))  # before any work
+    check_output_folder(cfg.out)
+    if cfg.image:
+        open_image(cfg.image)
+    report = run_demo(cfg, pipeline=_load(args))  # on --device, in --dtype
     for name, k in report.shown.items():
         mark = "NOT SHOWN" if name in report.failed_rows() else "ok"
         print(f"{name}: {k} of {len(report.readings[name])} images show what the row claims ({mark})")
     print(f"figure: {report.figure}\nreport: {report.html}")
 
 
+FOLDER_OUTPUTS = ("generate", "visualize", "export", "demo")  # the commands whose --out is a folder
 COMMANDS = {"train": cmd_train, "train-many": cmd_train_many, "generate": cmd_generate, "visualize": cmd_visualize, "export": cmd_export,
             "info": cmd_info, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet()
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or argparse's one-line error
+        return done.code if isinstance(done.code, int) else 2
     from .inversion import InversionError
 
     try:
-        COMMANDS[args.command](args)
+        _quiet()
+        _check_device(getattr(args, "device", None))
+        from .files import new_folders_undone_on_failure
+
+        with new_folders_undone_on_failure(args.out if args.command in FOLDER_OUTPUTS else "."):
+            COMMANDS[args.command](args)
     except (ValueError, InversionError, OSError) as err:  # OSError: a file or folder we could not use
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"prospect: error: {message}", file=sys.stderr)

@@ -14,6 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from .verbosity import quiet_by_default
+
+quiet_by_default()  # before diffusers' first import logs its notes
+
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from .files import atomic_write_bytes
 from .stages import stage_bounds
 
 FORMAT = "prospect-concept"
@@ -43,7 +43,7 @@ class ConceptError(ValueError):
     """A concept file, placeholder or model does not fit."""
 
 
-def _check_placeholder(placeholder: str) -> str:
+def check_placeholder(placeholder: str) -> str:
     """Return the placeholder if usable as part of a single added token, else raise."""
     if not isinstance(placeholder, str) or not placeholder.strip():
         raise ConceptError(f"placeholder must be a non-empty word, got {placeholder!r}")
@@ -61,7 +61,7 @@ def stage_token(placeholder: str, stage: int, vector: int = 0) -> str:
     added tokens, so ``Teddy`` and ``teddy`` name the same tokens. Vector v > 0 of a stage with
     several vectors is ``<*:s3:v>``.
     """
-    _check_placeholder(placeholder)
+    check_placeholder(placeholder)
     for name, value in (("stage", stage), ("vector", vector)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConceptError(f"{name} must be a non-negative integer, got {value!r}")
@@ -77,24 +77,28 @@ class Concept:
     embeddings: torch.Tensor = None  # [num_stages, dim] or [num_stages, V, dim]; required, None only to allow keyword use
     num_train_timesteps: int = 1000
     initializer: str = ""
-    base_model: str = ""
+    base_model: str = ""  # a name (folder or file name, or the model's hub id), never a local path
+    base_model_fingerprint: str = ""  # of the base model's token embeddings (see prospect.models.fingerprint)
 
     def __post_init__(self) -> None:
         """Validate fields and store the embeddings as a detached float32 CPU tensor."""
-        _check_placeholder(self.placeholder)
+        check_placeholder(self.placeholder)
         emb = self.embeddings
         if not isinstance(emb, torch.Tensor) or emb.ndim not in (2, 3) or 0 in emb.shape:
             shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
             raise ConceptError(f"embeddings must be a non-empty [num_stages, dim] or [num_stages, V, dim] tensor, got {shape}")
         if emb.ndim == 3 and emb.shape[1] == 1:  # one vector per stage has one layout only
             emb = emb[:, 0]
-        if not emb.is_floating_point() or not torch.isfinite(emb).all():
-            raise ConceptError("embeddings must be finite floating-point values")
+        if not emb.is_floating_point():
+            raise ConceptError(f"embeddings must be floating-point values, got {str(emb.dtype).replace('torch.', '')}")
+        if not torch.isfinite(emb).all():
+            raise ConceptError("embeddings hold NaN or infinite values; retrain the concept (with a lower lr)")
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < emb.shape[0]:
             raise ConceptError(
                 f"num_train_timesteps {self.num_train_timesteps!r} must be an int >= num_stages {emb.shape[0]}"
             )
         self.embeddings = emb.detach().to("cpu", torch.float32).contiguous().clone()
+        self.base_model = _shareable_name(self.base_model)
 
     @property
     def num_stages(self) -> int:
@@ -151,6 +155,8 @@ class Concept:
             "dim": str(self.dim), "num_train_timesteps": str(self.num_train_timesteps),
             "placeholder": self.placeholder, "initializer": self.initializer, "base_model": self.base_model,
         }
+        if self.base_model_fingerprint:
+            meta["base_model_fingerprint"] = self.base_model_fingerprint
         if self.vectors_per_stage > 1:  # version 1 files stay exactly as version-1 readers expect them
             meta["vectors_per_stage"] = str(self.vectors_per_stage)
         return meta
@@ -176,11 +182,15 @@ class Concept:
         expected = (_meta_int(meta, "num_stages", path), *((vectors,) if vectors > 1 else ()), _meta_int(meta, "dim", path))
         if tuple(emb.shape) != expected:
             raise ConceptError(f"{path}: embeddings shape {tuple(emb.shape)} does not match metadata {expected}")
-        return cls(
-            placeholder=meta.get("placeholder", ""), embeddings=emb,
-            num_train_timesteps=_meta_int(meta, "num_train_timesteps", path),
-            initializer=meta.get("initializer", ""), base_model=meta.get("base_model", ""),
-        )
+        try:
+            return cls(
+                placeholder=meta.get("placeholder", ""), embeddings=emb,
+                num_train_timesteps=_meta_int(meta, "num_train_timesteps", path),
+                initializer=meta.get("initializer", ""), base_model=meta.get("base_model", ""),
+                base_model_fingerprint=meta.get("base_model_fingerprint", ""),
+            )
+        except ConceptError as err:
+            raise ConceptError(err if str(path) in str(err) else f"{path}: {err}") from None
 
     @classmethod
     def from_textual_inversion(
@@ -205,6 +215,15 @@ class Concept:
         return cls(placeholder=placeholder or name, embeddings=vectors.expand(num_stages, -1))
 
 
+def _shareable_name(name_or_path: str) -> str:
+    """What a concept records of its base model: a hub id as it is, a local path by its last part only
+    (a shared concept must not carry the trainer's folders)."""
+    name = str(name_or_path or "").strip()
+    if name.startswith(("/", "~", ".", "\\")) or re.match(r"^[A-Za-z]:[\\/]", name) or name.count("/") > 1:
+        return Path(name.replace("\\", "/")).name
+    return name
+
+
 def _meta_int(meta: dict[str, str], key: str, path) -> int:
     """A required integer metadata field."""
     try:
@@ -214,25 +233,13 @@ def _meta_int(meta: dict[str, str], key: str, path) -> int:
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
-    """Write bytes via a temp file in the same directory + os.replace, so readers never see a partial file."""
+    """Write bytes atomically (:func:`prospect.files.atomic_write`), or raise one ConceptError line."""
     if not path.parent.is_dir():
         raise ConceptError(f"cannot write {path}: directory {path.parent} does not exist")
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not land before the bytes do
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; concepts are meant to be shared
-        os.replace(tmp, path)
-        tmp = None
+        return atomic_write_bytes(path, data)
     except OSError as e:
         raise ConceptError(f"cannot write {path}: {e.strerror or e}") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

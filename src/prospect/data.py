@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MIN_SIDE = 8  # pixels; smaller images carry nothing to learn from
 MAX_PIXELS = 64_000_000  # refuse decompression bombs before decoding them
+MAX_SIDE = 8192  # the largest training or generation side accepted, in pixels
 
 
 class ImageError(ValueError):
@@ -27,7 +28,8 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not inside:
-                raise ImageError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise ImageError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); give image "
+                                 "files, or a folder that holds some")
             found += inside
         elif path.is_file():
             found.append(path)
@@ -41,12 +43,16 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
 def open_image(path: str | Path) -> Image.Image:
     """Open any common image as 8-bit RGB (16-bit, CMYK, palette, grey; alpha composited on white)."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path} is a folder; give an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise ImageError(f"{path}: {img.width}x{img.height} is too large (max {MAX_PIXELS:,} pixels)")
+                if img.mode == "F":  # float pixels have no agreed range (and may be NaN)
+                    raise ImageError(f"{path}: 32-bit floating-point image; convert it to an 8- or 16-bit PNG or JPEG")
                 img = ImageOps.exif_transpose(img)
                 img.load()
                 rgb = _to_rgb(img)
@@ -55,9 +61,11 @@ def open_image(path: str | Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{path}: too large, refused before decoding ({str(err).splitlines()[0]})") from err
     except UnidentifiedImageError as err:
-        raise ImageError(f"{path}: not an image (empty, or a format Pillow cannot identify)") from err
+        raise ImageError(f"{path}: not an image (empty, or a format Pillow cannot identify); give a PNG, JPEG, "
+                         "WebP, BMP, GIF or TIFF file") from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{path}: damaged or truncated image ({str(err).splitlines()[0]})") from err
+        raise ImageError(f"{path}: damaged or truncated image ({str(err).splitlines()[0]}); re-export it, or "
+                         "leave it out") from err
     if min(rgb.size) < MIN_SIDE:
         raise ImageError(f"{path}: {rgb.width}x{rgb.height} is too small (at least {MIN_SIDE} px a side)")
     return rgb

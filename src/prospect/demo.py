@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import world
 from .inversion import InversionConfig, invert
+from .files import atomic_write_text, check_output_folder
 from .outputs import ensure_dir, make_grid, save_png
 from .pipeline import ProSpectPipeline
 from .visualize import visualize
@@ -117,17 +118,22 @@ class DemoReport:
         return [name for name, k in self.shown.items() if not _enough(k, len(self.readings[name]))]
 
 
-def run_demo(cfg: DemoConfig, model: str | Path | None = None) -> DemoReport:
-    """Invert the reference, run every task, write the figure, the HTML report and the concept."""
+def run_demo(cfg: DemoConfig, model: str | Path | None = None, pipeline: ProSpectPipeline | None = None) -> DemoReport:
+    """Invert the reference, run every task, write the figure, the HTML report and the concept.
+
+    ``pipeline`` (already on its device, in its dtype) is used instead of loading ``model``.
+    """
     from .data import open_image
+    from .distributed import Solo
 
     start = time.time()
-    out = ensure_dir(cfg.out)
+    check_output_folder(cfg.out)  # before the model loads
     reference = open_image(cfg.image) if cfg.image else world.render_pil(REFERENCE)
-    pp = ProSpectPipeline.from_pretrained(model)
+    pp = pipeline or ProSpectPipeline.from_pretrained(model)
+    out = ensure_dir(cfg.out)
     pp.pipe.set_progress_bar_config(disable=True)
     inv = InversionConfig(initializer="shape", steps=cfg.inversion_steps, lr=cfg.lr, seed=cfg.seed, checkpoint_every=0)
-    concept = invert(pp.pipe, [reference], inv)
+    concept = invert(pp.pipe, [reference], inv, accelerator=Solo(pp.device) if pipeline is not None else None)
     pp.load_concept(concept)
     concept_path = concept.save(out / "concept.safetensors")
     results = {t.name: _run_task(pp, t, cfg) for t in TASKS}
@@ -145,8 +151,8 @@ def run_demo(cfg: DemoConfig, model: str | Path | None = None) -> DemoReport:
              out / "reference.png")
     elapsed = time.time() - start
     page = _html(ref_attrs, readings, cfg, elapsed, shown)
-    (out / "report.html").write_text(page, encoding="utf-8")
-    (out / "readings.json").write_text(json.dumps(dict(readings=readings, shown=shown), indent=1), encoding="utf-8")
+    atomic_write_text(out / "report.html", page)
+    atomic_write_text(out / "readings.json", json.dumps(dict(readings=readings, shown=shown), indent=1))
     return DemoReport(out / "demo.png", out / "report.html", concept_path, readings, elapsed, shown)
 
 

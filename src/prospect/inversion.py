@@ -12,9 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
-from numbers import Integral
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Callable, Sequence
+
+from .verbosity import quiet_by_default
+
+quiet_by_default()  # before diffusers' first import logs its notes
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +27,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .concept import Concept, add_concept, init_embeddings
-from .data import prepare, to_tensor
+from .concept import Concept, add_concept, check_placeholder, init_embeddings
+from .data import MAX_SIDE, prepare, to_tensor
+from .models import fingerprint as model_fingerprint, model_name
 from .stages import StageMap
 
 
@@ -58,24 +63,49 @@ class InversionConfig:
     extra: dict = field(default_factory=dict)  # free-form notes stored in the checkpoint
 
 
+# upper bounds that keep a typo from allocating without end; the stages also must fit the model's timesteps
+MAX_LR = 10.0  # textual inversion uses about 5e-3; far above this the embeddings only blow up
+LIMITS = {"steps": 10_000_000, "batch_size": 4096, "num_stages": 1000, "vectors_per_stage": 75}
+_WHY = {"vectors_per_stage": " (a stage's tokens must fit CLIP's 77-token prompt)"}
+
+
 def check_config(cfg: InversionConfig) -> None:
     """Refuse settings that would crash mid-run or silently learn nothing (before any model loads)."""
-    for name in ("steps", "batch_size", "num_stages", "vectors_per_stage"):
+    for name, top in LIMITS.items():
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-            raise InversionError(f"{name} must be an integer >= 1, got {value!r}")
-    if cfg.validation_every < 0:
-        raise InversionError(f"validation_every must be >= 0 (0 = never), got {cfg.validation_every}")
-    if cfg.checkpoint_every < 0:
-        raise InversionError(f"checkpoint_every must be >= 0 (0 = no checkpoints), got {cfg.checkpoint_every}")
-    if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8):
-        raise InversionError(f"resolution must be a positive multiple of 8, got {cfg.resolution}")
+        if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= value <= top:
+            raise InversionError(f"{name} must be an integer in [1, {top}], got {value!r}{_WHY.get(name, '')}")
+    for name, never in (("validation_every", "never"), ("checkpoint_every", "no checkpoints")):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+            raise InversionError(f"{name} must be an integer >= 0 (0 = {never}), got {value!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, Integral) or not 0 <= cfg.seed < 2 ** 63:
+        raise InversionError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}")
+    for name in ("lr", "flip_p"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise InversionError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    for name, choices in (("crop", ("center", "none")), ("mixed_precision", ("no", "fp16", "bf16"))):
+        if getattr(cfg, name) not in choices:
+            raise InversionError(f"{name} must be one of {', '.join(map(repr, choices))}, got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.initializer, str):
+        raise InversionError(f"initializer must be a string, got {type(cfg.initializer).__name__}")
+    try:
+        check_placeholder(cfg.placeholder)
+    except ValueError as err:
+        raise InversionError(str(err)) from None
+    if isinstance(cfg.templates, str) or not all(isinstance(t, str) for t in cfg.templates):
+        raise InversionError(f"templates must be a list of strings with '{{}}', got {cfg.templates!r}")
+    if cfg.resolution is not None and (isinstance(cfg.resolution, bool) or not isinstance(cfg.resolution, Integral)):
+        raise InversionError(f"resolution must be an integer or None, got {cfg.resolution!r}")
+    if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8 or cfg.resolution > MAX_SIDE):
+        raise InversionError(f"resolution must be a positive multiple of 8 up to {MAX_SIDE}, got {cfg.resolution}")
     if cfg.parameterization not in ("free", "shared"):
         raise InversionError(f"parameterization must be 'free' or 'shared', got {cfg.parameterization!r}")
     if not 0.0 <= cfg.flip_p <= 1.0:  # also catches NaN
         raise InversionError(f"flip_p must be a probability in [0, 1], got {cfg.flip_p}")
-    if not cfg.lr >= 0:  # also catches NaN
-        raise InversionError(f"lr must be >= 0, got {cfg.lr}")
+    if not 0 <= cfg.lr <= MAX_LR:  # also catches NaN; torch's optimisers overflow on lr > 3.4e38
+        raise InversionError(f"lr must be a finite number in [0, {MAX_LR:g}], got {cfg.lr}")
     if not cfg.templates:
         raise InversionError("give at least one caption template")
     for tpl in cfg.templates:
@@ -223,7 +253,7 @@ def invert(
     stage_map = StageMap(cfg.num_stages, sched.config.num_train_timesteps)
     init = init_embeddings(pipe.tokenizer, pipe.text_encoder, cfg.initializer, cfg.num_stages, cfg.vectors_per_stage)
     concept = Concept(placeholder=cfg.placeholder, embeddings=init, num_train_timesteps=sched.config.num_train_timesteps,
-                      initializer=cfg.initializer, base_model=str(pipe.config.get("_name_or_path", "") or ""))
+                      initializer=cfg.initializer, base_model=model_name(pipe), base_model_fingerprint=model_fingerprint(pipe))
     token_ids = add_concept(pipe.tokenizer, pipe.text_encoder, concept)
     base = pipe.text_encoder.get_input_embeddings()
     coupled = cfg.num_stages if cfg.parameterization == "shared" and cfg.num_stages > 1 else 0  # one stage: nothing to couple
@@ -314,15 +344,36 @@ def _save(path: Path, layer: _ConceptRows, opt, step: int, fingerprint: str, cfg
 
 
 def _resume(path: Path, fingerprint: str, layer: _ConceptRows, opt) -> int:
-    """Load rows and optimiser state; refuse a checkpoint of other images or settings."""
+    """Load rows and optimiser state; refuse a damaged checkpoint, or one of other images or settings."""
+    fix = "delete it to start over"
     try:
         state = load_checkpoint(path)
     except ValueError as err:
-        raise InversionError(f"cannot resume: {err}") from err
+        raise InversionError(f"cannot resume: {err}; {fix}") from err
     if state.get("fingerprint") != fingerprint:
-        raise InversionError(f"cannot resume from {path}: it was made with other images or settings (delete it to start over)")
+        raise InversionError(f"cannot resume from {path}: it was made with other images or settings ({fix})")
+    for name, param in layer.parts().items():
+        saved = state.get(name)
+        if not isinstance(saved, torch.Tensor) or saved.shape != param.shape or not saved.is_floating_point():
+            got = f"{str(saved.dtype).replace('torch.', '')} {tuple(saved.shape)}" if isinstance(saved, torch.Tensor) else "nothing"
+            raise InversionError(f"cannot resume from {path}: {name} holds {got}, expected float "
+                                 f"{tuple(param.shape)} (damaged file; {fix})")
+        if not torch.isfinite(saved).all():
+            raise InversionError(f"cannot resume from {path}: {name} holds NaN or infinite values ({fix})")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise InversionError(f"cannot resume from {path}: its step {step!r} is not a count ({fix})")
+    try:
+        opt.load_state_dict(state["opt"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise InversionError(f"cannot resume from {path}: its optimiser state does not fit ({type(err).__name__}; {fix})") from None
+    for group in opt.param_groups:
+        for param in group["params"]:
+            for value in opt.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.ndim and (
+                        value.shape != param.shape or not torch.isfinite(value).all()):
+                    raise InversionError(f"cannot resume from {path}: its optimiser state is damaged ({fix})")
     with torch.no_grad():
         for name, param in layer.parts().items():
             param.copy_(state[name].to(param.device))
-    opt.load_state_dict(state["opt"])
-    return int(state["step"])
+    return step

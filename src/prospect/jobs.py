@@ -10,6 +10,9 @@ import json
 from pathlib import Path
 from typing import Callable
 
+MAX_BYTES = 4 << 20  # a job list is a few KB; refuse what only a mistake makes
+MAX_JOBS = 10_000
+
 
 class JobParser(argparse.ArgumentParser):
     """Reads one entry of a job list: errors are raised (and prefixed with the job), not printed with a usage."""
@@ -23,11 +26,16 @@ def read_jobs(path: Path, args: argparse.Namespace, add_options: Callable[[argpa
     """(name, namespace) per job of the list at ``path``: the command line's options ``args``, with the
     job's own keys instead; ``add_options`` adds the options a job may set (those of ``prospect train``)."""
     try:
+        if path.stat().st_size > MAX_BYTES:
+            raise ValueError(f"job list {path} is too large ({path.stat().st_size:,} bytes; at most {MAX_BYTES:,}): "
+                             "split it into several lists")
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read job list {path}: {getattr(err, 'strerror', None) or err}") from None
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: expected a non-empty JSON list of jobs")
+    if len(entries) > MAX_JOBS:
+        raise ValueError(f"{path} lists too many jobs ({len(entries):,}; at most {MAX_JOBS:,}): split it into several lists")
     parser = JobParser(prog="job", add_help=False)
     parser.add_argument("images", nargs="+")
     parser.add_argument("--out", required=True)

@@ -13,6 +13,10 @@ import re
 import zipfile
 from pathlib import Path
 
+from .verbosity import quiet_by_default
+
+quiet_by_default()  # before diffusers' first import logs its notes
+
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -55,10 +59,33 @@ def _default_model() -> Path:
     return path
 
 
+_INT_FIELDS = ("sample_size", "in_channels", "out_channels", "latent_channels", "cross_attention_dim",
+               "num_train_timesteps", "hidden_size", "vocab_size")
+
+
 def _check_folder(path: Path) -> None:
+    """Refuse, in one line, a folder that is not a diffusers SD layout or whose configs are not well-formed."""
     missing = [p for p in ("model_index.json", *_PARTS) if not (path / p).exists()]
     if missing:
         raise ModelError(f"{path} is not a Stable Diffusion folder: missing {', '.join(missing)}")
+    configs = [path / "model_index.json", *(path / part / "config.json" for part in _MODULES),
+               path / "scheduler" / "scheduler_config.json"]
+    for config in configs:
+        if not config.exists():
+            continue  # diffusers names what is missing
+        if not config.is_file():
+            raise ModelError(f"{config} is a folder, not a JSON file; restore the model's {config.name}")
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ModelError(f"{config} is not valid JSON ({str(err).splitlines()[0]}); restore it") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"{config} must hold a JSON object, got {type(data).__name__}; restore it")
+        for key in _INT_FIELDS:
+            value = data.get(key)
+            ints = value if isinstance(value, list) else [value]
+            if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+                raise ModelError(f"{config}: {key} must be an integer, got {json.dumps(value)}; restore it")
 
 
 def load_pipeline(
@@ -73,6 +100,8 @@ def load_pipeline(
     chosen from the checkpoint's weight names (an OpenCLIP text encoder means SD 2.x). For an SD 2.x
     *base* (512 px, epsilon) checkpoint pass a config folder whose scheduler says ``epsilon``.
     """
+    from .verbosity import progress_bars
+
     path = _default_model() if model is None else Path(model).expanduser()
     if not path.exists():
         raise ModelError(f"model not found: {path} (give a diffusers folder or a .ckpt/.safetensors file)")
@@ -82,10 +111,13 @@ def load_pipeline(
     if path.is_dir():
         _check_folder(path)
         try:
-            return StableDiffusionPipeline.from_pretrained(path, **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
             raise ModelError(f"cannot load the model folder {path}: {str(err).splitlines()[0]}") from err
-    return _load_single_file(path, config, kwargs)
+    else:
+        pipe = _load_single_file(path, config, kwargs)
+    pipe.set_progress_bar_config(disable=not progress_bars())
+    return pipe
 
 
 _UNET_PREFIX, _VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
@@ -243,3 +275,29 @@ def make_scheduler(name: str, pipe: StableDiffusionPipeline):
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     return SCHEDULERS[name].from_config(pipe.scheduler.config)
+
+
+EMBEDDED_NAME = "prospect/toy-world"
+
+
+def model_name(pipe) -> str:
+    """The name a concept records of the model it was learned on: the embedded model's, a local
+    folder's or file's own name (never its path: a shared concept must not carry the trainer's
+    folders), or the model's id as it was given."""
+    given = str(pipe.config.get("_name_or_path", "") or "")
+    if not given:
+        return ""
+    path = Path(given).expanduser()
+    if path.exists():
+        return EMBEDDED_NAME if path.resolve() == _default_model().resolve() else path.resolve().name
+    return given
+
+
+def fingerprint(pipe) -> str:
+    """A short content fingerprint of the model's vocabulary embeddings (the space a concept lives in):
+    the same for two copies of a model, different for a model with another text encoder."""
+    import hashlib
+
+    rows = pipe.text_encoder.get_input_embeddings().weight[: pipe.tokenizer.vocab_size]
+    data = rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from .checkpoint import atomic_write
+from .files import atomic_write, ensure_folder
 
 
 class OutputError(ValueError):
@@ -22,12 +22,10 @@ class OutputError(ValueError):
 
 def ensure_dir(folder: str | Path) -> Path:
     """Create the output folder, or say in one line why it cannot be."""
-    folder = Path(folder).expanduser()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        return ensure_folder(folder)
     except OSError as err:
-        raise OutputError(f"cannot create output folder {folder}: {err.strerror or err}") from err
-    return folder
+        raise OutputError(str(err)) from err
 
 
 def save_png(image: Image.Image, path: Path, parameters: dict | None = None) -> Path:

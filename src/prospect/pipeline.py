@@ -14,13 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .verbosity import quiet_by_default
+
+quiet_by_default()  # before diffusers' first import logs its notes
+
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from PIL import Image
 
 from .concept import Concept, add_concept
 from .spectrum import build_spectrum
+from .data import MAX_SIDE
 from .stages import StageMap
+
+MAX_IMAGES = 10_000  # per call
+MAX_GUIDANCE = 100.0
 
 
 @dataclass
@@ -142,7 +151,8 @@ class ProSpectPipeline:
     ) -> GenerationResult:
         """Generate with one prompt per stage; with ``image``, edit it (img2img, ``strength``)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        self.check_arguments(image, strength, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
+        self.check_arguments(image, strength, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                             self.pipe.scheduler.config.num_train_timesteps)
         texts = [self.stage_prompts(p, prospect_words, num_inference_steps) for p in prompts]
         do_cfg = guidance_scale > 1.0
         timesteps = self._timesteps(image, strength, num_inference_steps)
@@ -190,6 +200,15 @@ class ProSpectPipeline:
             )
         pixels = self.img2img.image_processor.preprocess(image, height=height, width=width)
         start = timesteps[:1].repeat(batch)
+        if len(pixels) < batch and batch % len(pixels) == 0:
+            # one image per output, as diffusers asks (it deprecates duplicating images for more prompts)
+            if isinstance(generator, list) or self.pipe.vae.config.latent_channels != 4:  # each copy encoded
+                # (diffusers takes a 4-channel tensor for latents, and encodes a copy per generator of a list)
+                pixels = pixels.repeat(batch // len(pixels), 1, 1, 1)
+            else:  # one encoding, then copies: the same draws as diffusers' duplication
+                vae = self.pipe.vae
+                encoded = retrieve_latents(vae.encode(pixels.to(self.device, dtype)), generator=generator)
+                pixels = (vae.config.scaling_factor * encoded).repeat(batch // len(pixels), 1, 1, 1)
         return self.img2img.prepare_latents(pixels, start, batch, 1, dtype, self.device, generator)
 
     def _decode(self, latents: torch.Tensor, generator, output_type: str):
@@ -197,20 +216,33 @@ class ProSpectPipeline:
             return latents
         vae = self.pipe.vae
         decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        if not torch.isfinite(decoded).all():  # would silently become black images
+            where = "the denoiser" if not torch.isfinite(latents).all() else "the VAE decoder"
+            raise ValueError(f"{where} produced NaN or infinite values: the model's weights are damaged, or float16 "
+                             "overflowed (try --dtype float32 / torch_dtype=torch.float32)")
         return self.pipe.image_processor.postprocess(decoded, output_type=output_type)
 
     @staticmethod
-    def check_arguments(image, strength, height, width, steps, guidance_scale, num_images) -> None:
+    def check_arguments(image, strength, height, width, steps, guidance_scale, num_images,
+                        num_train_timesteps: int = 1000) -> None:
         """One-line errors for bad arguments (diffusers' own checks come later and are less specific)."""
+        for name, value in (("strength", strength), ("guidance_scale", guidance_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
         if image is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         multiple = 8  # as diffusers requires
         for name, value in (("height", height), ("width", width)):
-            if value is not None and (value <= 0 or value % multiple):
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value}")
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
-        if num_images < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images}")
-        if not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+            if value is not None and (_not_int(value) or value <= 0 or value % multiple or value > MAX_SIDE):
+                raise ValueError(f"{name} must be a positive multiple of {multiple} up to {MAX_SIDE}, got {value}")
+        if _not_int(steps) or not 1 <= steps <= num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {num_train_timesteps}] (the model's "
+                             f"training timesteps), got {steps}")
+        if _not_int(num_images) or not 1 <= num_images <= MAX_IMAGES:
+            raise ValueError(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES}], got {num_images}")
+        if not 0 <= guidance_scale <= MAX_GUIDANCE:  # also catches NaN
+            raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE}] (1 = no guidance), got {guidance_scale}")
+
+
+def _not_int(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)

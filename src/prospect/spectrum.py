@@ -348,12 +348,18 @@ def build_spectrum(
     return out
 
 
+MAX_WORDS_BYTES = 1 << 20
+
+
 def load_prospect_words(path: str | Path) -> list[str | int]:
     """Read prospect_words from a JSON or YAML file: a list, or {"prospect_words": [...]}."""
     import yaml
 
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_WORDS_BYTES:
+            raise SpectrumError(f"prospect_words file '{path}' is too large ({path.stat().st_size:,} bytes; "
+                                f"N short prompts take at most {MAX_WORDS_BYTES:,})")
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise SpectrumError(f"cannot read prospect_words file '{path}': {' '.join(str(err).split())}") from None

@@ -89,7 +89,8 @@ def build_schedulers(zero_snr: bool = True) -> tuple[DDPMScheduler, DDIMSchedule
     if zero_snr:
         train = DDPMScheduler(**SCHEDULE, clip_sample=False, rescale_betas_zero_snr=True)
         sample = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False,
-                               rescale_betas_zero_snr=True, timestep_spacing="trailing")
+                               rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                               steps_offset=1)  # unused by "trailing"; 0 is a deprecated config
         return train, sample
     train = DDPMScheduler(**SCHEDULE, clip_sample=False)
     sample = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)

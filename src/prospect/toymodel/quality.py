@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import world
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..pipeline import ProSpectPipeline
 from ..world_reader import read
 
