@@ -12,10 +12,35 @@ from prospect.demo import REFERENCE, TASK_BY_NAME, TASKS, DemoConfig, _shows, ru
 from prospect.world_reader import read
 
 
-def test_demo_writes_figure_report_and_concept(tmp_path):
-    cfg = DemoConfig(out=tmp_path / "demo", inversion_steps=4, samples=2, num_inference_steps=4)
-    report = run_demo(cfg)
-    for path in (report.figure, report.html, report.concept, tmp_path / "demo" / "stages.png"):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One `prospect demo` on a reduced budget (2 inversion steps, 2 images a row, 4 denoising steps):
+    what it printed, and the report run_demo returned to the command."""
+    import contextlib
+    import functools
+    import io
+
+    import prospect.demo
+
+    reports = []
+
+    def keep(*args, **kwargs):
+        reports.append(run_demo(*args, **kwargs))
+        return reports[-1]
+
+    out = tmp_path_factory.mktemp("demo") / "d"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(prospect.demo, "DemoConfig", functools.partial(DemoConfig, samples=2, num_inference_steps=4))
+        mp.setattr(prospect.demo, "run_demo", keep)
+        assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    (report,) = reports
+    return report, printed.getvalue(), out
+
+
+def test_demo_writes_figure_report_and_concept(demo_run):
+    report, _, out = demo_run
+    for path in (report.figure, report.html, report.concept, out / "stages.png"):
         assert path.exists() and path.stat().st_size > 0, path
     page = report.html.read_text()
     for task in TASKS:
@@ -43,18 +68,13 @@ def test_a_row_shows_its_claim_only_with_every_claimed_attribute():
     assert not _shows(read(world.render_pil(REFERENCE)).as_dict(), material.claim(ref))  # a copy of the reference
 
 
-def test_demo_command_prints_where_the_files_are(tmp_path, capsys, monkeypatch):
-    import functools
-
-    import prospect.demo
-
-    # the command as a user runs it, on a smaller sampling budget (the full one: the slow test below)
-    monkeypatch.setattr(prospect.demo, "DemoConfig", functools.partial(DemoConfig, samples=2, num_inference_steps=4))
-    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "report.html" in out and (tmp_path / "d" / "demo.png").exists()
+def test_demo_command_prints_where_the_files_are(demo_run):
+    report, out, folder = demo_run
+    assert f"report: {report.html}" in out and (folder / "demo.png").exists()
     for task in TASKS:  # each row's count, and whether it is shown as a result
-        assert re.search(rf"^{task.name}: [0-2] of 2 images show what the row claims \((ok|NOT SHOWN)\)$", out, re.M), out
+        mark = "NOT SHOWN" if task.name in report.failed_rows() else "ok"
+        line = f"{task.name}: {report.shown[task.name]} of 2 images show what the row claims ({mark})"
+        assert re.search(rf"^{re.escape(line)}$", out, re.M), out
 
 
 @pytest.mark.slow

@@ -25,8 +25,9 @@ from prospect.concept import Concept
 def _can_mount() -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
-    probe = Path(__file__).parent / ".tmpfs-probe"
-    probe.mkdir(exist_ok=True)
+    import tempfile
+
+    probe = Path(tempfile.mkdtemp(prefix="prospect-tmpfs-probe-"))
     try:
         ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True).returncode == 0
         if ok:
