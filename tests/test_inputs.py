@@ -37,6 +37,8 @@ EXPECTS = re.compile(r">=|<=|in \[|multiple of|choose|one of|expected|must|give|
 def _report():
     yield
     target = os.environ.get("PROSPECT_INPUTS_REPORT")
+    if target and os.environ.get("PYTEST_XDIST_WORKER"):
+        raise RuntimeError("PROSPECT_INPUTS_REPORT needs every case in one process: add -n 0")
     if target:
         Path(target).write_text(json.dumps(OBSERVED, indent=1) + "\n")
 

@@ -66,6 +66,8 @@ def _note(case: str, tried: str, code: int, message: str) -> None:
 def _report():
     yield
     target = os.environ.get("PROSPECT_RELIABILITY_REPORT")
+    if target and os.environ.get("PYTEST_XDIST_WORKER"):
+        raise RuntimeError("PROSPECT_RELIABILITY_REPORT needs every case in one process: add -n 0")
     if target:
         Path(target).write_text(json.dumps(OBSERVED, indent=1) + "\n")
 
