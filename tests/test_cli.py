@@ -87,8 +87,11 @@ def test_visualize_honours_height_and_width(trained, tiny_model_dir, workdir):
 def test_export_both_formats_and_info(trained, workdir, capsys):
     assert main(["export", str(trained), "--format", "diffusers", "--out", str(workdir / "ti")]) == 0
     assert len(list((workdir / "ti").glob("*.safetensors"))) == 10
-    assert main(["export", str(trained), "--format", "a1111", "--out", str(workdir / "a1111")]) == 0
-    assert "A1111 prompt: [" in capsys.readouterr().out
+    out = capsys.readouterr().out  # named after the concept file: "concept"
+    assert "tokens: <concept:s0> ... <concept:s9>" in out and (workdir / "ti" / "concept-s9.safetensors").exists()
+    assert main(["export", str(trained), "--format", "a1111", "--out", str(workdir / "a1111"), "--name", "my_cat"]) == 0
+    out = capsys.readouterr().out  # exact for A1111's default 20 steps: two calls per stage
+    assert "A1111 prompt for 20 steps: [[[[[[[[[my_cat-s9:my_cat-s8:1]:my_cat-s7:3]" in out
     assert main(["info", str(trained)]) == 0
     assert "10 stages" in capsys.readouterr().out
 
@@ -146,7 +149,7 @@ def test_train_with_several_vectors_shared_stages_and_no_flip_then_info_and_expo
     assert main(["info", str(out)]) == 0
     assert "3 vector(s) per stage" in capsys.readouterr().out
     assert main(["export", str(out), "--format", "diffusers", "--out", str(workdir / "multi-ti")]) == 0
-    assert len(list((workdir / "multi-ti").glob("learned_embeds-s*.safetensors"))) == 10
+    assert len(list((workdir / "multi-ti").glob("multi-s*.safetensors"))) == 10
 
 
 @pytest.mark.parametrize("flag, value, match", [("--vectors-per-stage", "0", "vectors_per_stage"),

@@ -330,6 +330,48 @@ def _expected_stage(step: int, steps: int, n: int) -> int:
     return n - 1 - sum(1 for j in range(1, n) if j * steps // n < step)
 
 
+def _sampler_texts(prompt: str, steps: int) -> list[str]:
+    """The text A1111's sampler conditions each call on (calls numbered from 0), modelled on its code:
+    the parser schedules (end step, text) for the 1-based end steps (every integer ``when`` >= 1, clamped to
+    ``steps``, and ``steps`` itself), and call c takes the first entry whose end step is >= c."""
+    tree, _ = _parse(prompt)
+    ends = {steps}
+
+    def collect(nodes):
+        for node in nodes:
+            if not isinstance(node, str):
+                before, after, when = node
+                w = min(steps, int(float(when) * steps) if "." in when else int(when))
+                if w >= 1:
+                    ends.add(w)
+                collect(before), collect(after)
+
+    collect(tree)
+    schedule = [(end, _at_step(tree, end, steps)) for end in sorted(ends)]
+    return [next(text for end, text in schedule if c <= end) for c in range(steps)]
+
+
+def _intended_call_stages(steps: int, n: int) -> list[int]:
+    """Stage k runs the calls [floor((n-1-k) steps / n), floor((n-k) steps / n)), stage n-1 first."""
+    return [n - 1 - sum(1 for i in range(1, n) if i * steps // n <= c) for c in range(steps)]
+
+
+def test_a1111_prompt_switches_stages_at_the_intended_sampler_calls():
+    """Modelled on A1111's sampler, which counts calls from 0 (the paper split in 1-based steps ran every
+    earlier stage one call too long: for 50 steps stage 9 got 6 calls and stage 0 only 4)."""
+    names = [f"c-s{k}" for k in range(10)]
+    for steps in range(1, 151):
+        got = [int(t.rsplit("s", 1)[1]) for t in _sampler_texts(a1111_schedule(names, steps), steps)]
+        want = _intended_call_stages(steps, 10)
+        if 2 <= steps < 20:  # A1111 gives calls 0 and 1 one text: a first stage of one call takes call 1 too
+            assert got[0] == want[0] and got[1] == want[0] != want[1] and got[2:] == want[2:], steps
+        else:
+            assert got == want, steps
+    paper = a1111_schedule(names)  # fractions: A1111 floors them to the paper split, a call late
+    late = [int(t.rsplit("s", 1)[1]) for t in _sampler_texts(paper, 50)]
+    assert [late.count(k) for k in range(10)] == [4] + [5] * 8 + [6]
+
+
 def test_export_a1111_files_and_prompt(tiny_pipe, tmp_path):
     c = make_concept(placeholder="<teddy>")
     paths, prompt = export_a1111(c, tmp_path)
@@ -352,11 +394,9 @@ def test_export_a1111_files_and_prompt(tiny_pipe, tmp_path):
             assert _at_step(tree, step, steps) == f"teddy-s{_expected_stage(step, steps, 10)}"
 
     _, exact = export_a1111(c, tmp_path / "exact", num_inference_steps=30)
-    assert exact == "[[[[[[[[[teddy-s9:teddy-s8:3]:teddy-s7:6]:teddy-s6:9]:teddy-s5:12]:teddy-s4:15]" \
-                    ":teddy-s3:18]:teddy-s2:21]:teddy-s1:24]:teddy-s0:27]"
-    tree, _ = _parse(exact)
-    assert [_at_step(tree, s, 30) for s in (1, 3, 4, 27, 28, 30)] == [
-        "teddy-s9", "teddy-s9", "teddy-s8", "teddy-s1", "teddy-s0", "teddy-s0"]
+    assert exact == "[[[[[[[[[teddy-s9:teddy-s8:2]:teddy-s7:5]:teddy-s6:8]:teddy-s5:11]:teddy-s4:14]" \
+                    ":teddy-s3:17]:teddy-s2:20]:teddy-s1:23]:teddy-s0:26]"
+    assert _sampler_texts(exact, 30) == [f"teddy-s{9 - c // 3}" for c in range(30)]  # 3 calls each
 
     note = json.loads((tmp_path / "teddy-prospect_a1111.json").read_text())
     assert note["prompt"] == prompt and note["stages"][9]["name"] == "teddy-s9"
@@ -404,3 +444,16 @@ def test_a_concept_never_carries_a_local_path(given, recorded, tmp_path):
     c = Concept(embeddings=torch.zeros(2, 4), num_train_timesteps=10, base_model=given)
     assert c.base_model == recorded
     assert Concept.load(c.save(tmp_path / "c.safetensors")).base_model == recorded
+
+
+def test_two_exports_with_their_names_load_side_by_side(tiny_pipe, tmp_path):
+    """Concepts trained with the same placeholder: named exports neither overwrite nor refuse each other."""
+    a, b = make_concept(), make_concept()
+    a.embeddings.fill_(0.5), b.embeddings.fill_(-0.5)
+    pa, pb = export_diffusers(a, tmp_path / "ti", name="cat"), export_diffusers(b, tmp_path / "ti", name="dog")
+    for path in (pa[3], pb[3]):
+        tiny_pipe.load_textual_inversion(str(path))  # a second <*:s3> would raise "already in tokenizer"
+    assert torch.equal(row(tiny_pipe, "<cat:s3>"), a.embeddings[3]) and torch.equal(row(tiny_pipe, "<dog:s3>"), b.embeddings[3])
+    ta, _ = export_a1111(a, tmp_path / "a1111", name="cat")
+    tb, _ = export_a1111(b, tmp_path / "a1111", name="dog")
+    assert len({p.name for p in ta + tb}) == 20 and len(list((tmp_path / "a1111").glob("*.safetensors"))) == 20

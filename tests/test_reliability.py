@@ -396,7 +396,7 @@ WRITE_FAILURES = [
     ("generate: output folder -> EACCES", "generate-new", "os.mkdir", errno.EACCES,
      ["cannot create output folder", "Permission denied"]),
     ("export: file rename -> EACCES", "export", "os.replace", errno.EACCES,
-     ["cannot write", "learned_embeds-s0.safetensors", "Permission denied"]),
+     ["cannot write", "c-s0.safetensors", "Permission denied"]),
 ]
 
 
@@ -452,11 +452,14 @@ def test_placeholders_never_steer_export_file_names(tmp_path, capsys):
         code, stdout, err = _run(["export", concept, "--format", fmt, "--out", out], capsys)
         assert code == 0, err
         assert all(p.parent == out for p in out.rglob("*")), sorted(out.rglob("*"))
-    assert _files(tmp_path) - {"in", "in/c.safetensors"} == {
-        "a1111", *(f"a1111/evil-s{k}.safetensors" for k in range(3)), "a1111/evil-prospect_a1111.json",
-        "diffusers", *(f"diffusers/learned_embeds-s{k}.safetensors" for k in range(3)), "diffusers/prospect_diffusers.json"}
-    _note("path traversal", "export of a concept whose placeholder is '../../evil'", code,
-          "files named evil-s0.safetensors ... inside --out only")
+    assert _files(tmp_path) - {"in", "in/c.safetensors"} == {  # named after the concept file, not the placeholder
+        "a1111", *(f"a1111/c-s{k}.safetensors" for k in range(3)), "a1111/c-prospect_a1111.json",
+        "diffusers", *(f"diffusers/c-s{k}.safetensors" for k in range(3)), "diffusers/c-prospect_diffusers.json"}
+    code, stdout, err = _run(["export", concept, "--format", "a1111", "--out", tmp_path / "n", "--name", "../../evil"], capsys)
+    _one_line_error(code, err, "export name must be letters, digits")
+    assert not (tmp_path / "n").exists()
+    _note("path traversal", "export of a concept whose placeholder is '../../evil', and --name '../../evil'", 0,
+          "files named c-s0.safetensors ... inside --out only; the name is refused")
 
 
 # ----------------------------------------------------------------------------------------------

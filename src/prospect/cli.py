@@ -14,6 +14,7 @@ from pathlib import Path
 MAX_SEED = 2 ** 63 - 1
 MAX_BATCH = 1024  # images per pipeline call
 MAX_SCALE = 64  # visualize's upscale factor
+A1111_STEPS = 20  # A1111's default sampling steps
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("concept")
     e.add_argument("--format", choices=("diffusers", "a1111"), required=True)
     e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--steps", type=int, default=None, help="a1111: write switch points as step numbers")
+    e.add_argument("--steps", type=int, default=A1111_STEPS,
+                   help=f"a1111: the sampling steps the printed prompt schedules exactly (default {A1111_STEPS}, "
+                        "A1111's own default)")
+    e.add_argument("--name", default=None, help="name of the exported embeddings and tokens (default: the concept "
+                   "file's name, so two exports never collide)")
 
     i = sub.add_parser("info", help="describe a concept file")
     i.add_argument("concept")
@@ -396,15 +401,24 @@ def cmd_export(args) -> None:
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise ValueError(f"--steps must be in [1, 1000] (denoising steps of the A1111 schedule), got {args.steps}")
     check_output_folder(args.out)
+    name = args.name if args.name is not None else _export_name(args.concept)
     folder = ensure_dir(args.out)
     if args.format == "diffusers":
-        for p in export_diffusers(concept, folder):
+        for p in export_diffusers(concept, folder, name=name):
             print(p)
+        print(f"tokens: <{name}:s0> ... <{name}:s{concept.num_stages - 1}> (stage 0 = the last denoising steps)")
     else:
-        paths, prompt = export_a1111(concept, folder, num_inference_steps=args.steps)
+        paths, prompt = export_a1111(concept, folder, num_inference_steps=args.steps, name=name)
         for p in paths:
             print(p)
-        print(f"A1111 prompt: {prompt}")
+        print(f"A1111 prompt for {args.steps} steps: {prompt}")
+
+
+def _export_name(concept_file: str) -> str:
+    """The default export name: the concept file's name, in the characters A1111 prompts and file names take."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", Path(concept_file).name.removesuffix(".safetensors")).strip("-") or "prospect"
 
 
 def cmd_info(args) -> None:

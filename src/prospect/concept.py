@@ -342,33 +342,52 @@ def _stage_notes(concept: Concept, names: list[str]) -> list[dict]:
     return [{"stage": k, "name": names[k], "timesteps": list(stage_bounds(k, n, t))} for k in range(n)]
 
 
-def export_diffusers(concept: Concept, folder: str | os.PathLike) -> list[Path]:
-    """Write ``learned_embeds-s<k>.safetensors`` = {stage token: [V, dim]} per stage, for ``load_textual_inversion``
-    (diffusers names a multi-vector token's extra vectors ``<token>_1`` ... and expands the prompt itself)."""
+def export_diffusers(concept: Concept, folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Write ``<name>-s<k>.safetensors`` = {token: [V, dim]} per stage, for ``load_textual_inversion``
+    (diffusers names a multi-vector token's extra vectors ``<token>_1`` ... and expands the prompt itself).
+
+    With ``name`` the tokens are ``<name:s<k>>``, so two exported concepts load into one pipeline side by
+    side; without it they are the concept's own (``<*:s0>`` ...) and the files ``learned_embeds-s<k>``.
+    """
     folder = Path(folder)
+    stem = _file_stem(concept, name) if name is not None else None
+    tokens = [f"<{stem}:s{k}>" if stem else concept.token(k) for k in range(concept.num_stages)]
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"learned_embeds-s{k}.safetensors" for k in range(concept.num_stages)]
+    paths = [folder / f"{stem or 'learned_embeds'}-s{k}.safetensors" for k in range(concept.num_stages)]
     for k, path in enumerate(paths):
-        _atomic_write(path, safetensors.torch.save({concept.token(k): concept.stage_vectors(k).clone()}))
-    _write_note(folder, "prospect_diffusers.json", {
+        _atomic_write(path, safetensors.torch.save({tokens[k]: concept.stage_vectors(k).clone()}))
+    _write_note(folder, f"{stem}-prospect_diffusers.json" if stem else "prospect_diffusers.json", {
         "format": "prospect-diffusers-export", "placeholder": concept.placeholder, "base_model": concept.base_model,
         "stage_order": _STAGE_ORDER,
         "usage": "pipe.load_textual_inversion(file) for each file, then use the token of the current stage",
-        "stages": [dict(e, file=p.name) for e, p in zip(_stage_notes(concept, concept.tokens()), paths)],
+        "stages": [dict(e, file=p.name) for e, p in zip(_stage_notes(concept, tokens), paths)],
     })
     return paths
 
 
 def a1111_schedule(names: list[str], num_inference_steps: int | None = None) -> str:
-    """Nested A1111 prompt editing ``[[a:b:w1]:c:w2]`` running names[-1] first and names[0] last."""
+    """Nested A1111 prompt editing ``[[a:b:w1]:c:w2]`` running names[-1] first and names[0] last.
+
+    With ``num_inference_steps`` S, stage k runs the sampler calls [floor((N-1-k) S / N), floor((N-k) S / N))
+    (0-based), counted the way A1111's sampler counts them: its parser keeps ``from`` for the 1-based steps
+    <= ``when``, and call c (from 0) takes the first scheduled text whose end step is >= c, so ``when`` is
+    the last call of the earlier part, one less than the paper's step number. One limit of A1111: calls 0
+    and 1 always share a text, so a first stage of a single call (2 <= S < 2N) also runs call 1.
+    Without S the switch points are fractions of A1111's step count, which A1111 floors: each switch
+    lands one call late (the paper split); give the step count for an exact schedule.
+    """
     order = names[::-1]  # generation runs from the largest timesteps (last stage) to stage 0
     n, prompt = len(order), order[0]
-    if num_inference_steps is not None and num_inference_steps < 1:
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or num_inference_steps < 1):
         raise ConceptError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     digits = len(str(_A1111_MAX_STEPS * n))
     for i in range(1, n):
         if num_inference_steps is not None:
-            when = str(i * num_inference_steps // n)  # integer = last step (1-based) of the earlier part
+            calls = i * num_inference_steps // n  # calls of the earlier part: 0 .. calls - 1
+            if calls == 0:  # the earlier stages get no call at this step count
+                prompt = order[i]
+                continue
+            when = str(max(1, calls - 1))
         else:
             # A1111 floors float(when) * steps; rounding up by < 1/(150 n) survives float error and
             # still lands on floor(i * steps / n) for every step count up to 150.
