@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write a concept for other tools")
     e.add_argument("concept")
-    e.add_argument("--format", choices=("diffusers", "a1111"), required=True)
+    e.add_argument("--format", choices=("diffusers", "a1111", "comfyui"), required=True,
+                   help="comfyui: models/embeddings/ under --out (a ComfyUI folder) and a workflow (API JSON)")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--steps", type=int, default=A1111_STEPS,
                    help=f"a1111: the sampling steps the printed prompt schedules exactly (default {A1111_STEPS}, "
@@ -407,6 +408,13 @@ def cmd_export(args) -> None:
         for p in export_diffusers(concept, folder, name=name):
             print(p)
         print(f"tokens: <{name}:s0> ... <{name}:s{concept.num_stages - 1}> (stage 0 = the last denoising steps)")
+    elif args.format == "comfyui":
+        from .comfyui import export_comfyui
+
+        paths, workflow = export_comfyui(concept, folder, name=name)
+        for p in paths:
+            print(p)
+        print(f"workflow (ComfyUI API format): {workflow}")
     else:
         paths, prompt = export_a1111(concept, folder, num_inference_steps=args.steps, name=name)
         for p in paths:
