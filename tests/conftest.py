@@ -34,6 +34,18 @@ def write_reference_images(folder: Path, n: int = 2) -> Path:
     return folder / "refs"
 
 
+def write_report(variable: str, rows: list[dict]) -> None:
+    """Write what a module's cases observed as JSON to the file named by the environment ``variable``, if set
+    (every case must have run in this process: the docs' tables are built from the file)."""
+    import json
+
+    target = os.environ.get(variable)
+    if target and os.environ.get("PYTEST_XDIST_WORKER"):
+        raise RuntimeError(f"{variable} needs every case in one process: add -n 0")
+    if target:
+        Path(target).write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def build_tiny_pipeline(tokenizer_dir: Path, prediction_type: str = "epsilon", seed: int = 0):
     """A random-weight SD-1.x-shaped pipeline small enough to run in milliseconds on a CPU."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from conftest import write_reference_images
+from conftest import write_reference_images, write_report
 from prospect.cli import main
 from prospect.concept import Concept
 
@@ -36,11 +36,7 @@ EXPECTS = re.compile(r">=|<=|in \[|multiple of|choose|one of|expected|must|give|
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    target = os.environ.get("PROSPECT_INPUTS_REPORT")
-    if target and os.environ.get("PYTEST_XDIST_WORKER"):
-        raise RuntimeError("PROSPECT_INPUTS_REPORT needs every case in one process: add -n 0")
-    if target:
-        Path(target).write_text(json.dumps(OBSERVED, indent=1) + "\n")
+    write_report("PROSPECT_INPUTS_REPORT", OBSERVED)
 
 
 def _contents(folder: Path) -> dict | None:
@@ -158,13 +154,12 @@ def test_flag_table_covers_every_numeric_and_choice_flag():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     listed = {(base[0], flag) for base, flag, _ in FLAGS}
-    exempt = {("train-many", f) for f in ()}  # train-many's flags are train's (same function adds them)
     missing = []
     for command, p in sub.choices.items():
         for action in p._actions:
             typed = action.type in (int, float) or action.choices is not None or action.dest == "device"
             for flag in action.option_strings[:1]:
-                if typed and command != "train-many" and (command, flag) not in listed | exempt:
+                if typed and command != "train-many" and (command, flag) not in listed:  # train-many's are train's
                     missing.append(f"{command} {flag}")
     assert missing == []
 
@@ -207,23 +202,12 @@ def _concept_variant(how: str) -> bytes:
 def _checkpoint_variant(how: str, good: bytes) -> bytes:
     from safetensors.torch import load, save
 
-    from prospect.checkpoint import load_checkpoint  # noqa: F401  (the reader under test)
-
-    if how == "non-finite":
-        tensors = load(good)
-        from safetensors import safe_open  # keep the metadata
-
-        return save({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in tensors.items()},
-                    metadata=_meta_of(good))
-    if how == "wrong shape":
-        tensors = load(good)
-        return save({k: v.flatten()[:1].clone() if v.ndim else v for k, v in tensors.items()}, metadata=_meta_of(good))
-    if how == "wrong dtype":
-        tensors = load(good)
-        return save({k: v.to(torch.int32) for k, v in tensors.items()}, metadata=_meta_of(good))
     if how == "absurd size":
         return _safetensors_header({"rows": ("F32", [2 ** 40, 32])}, _meta_of(good))
-    raise KeyError(how)
+    change = {"non-finite": lambda v: torch.full_like(v, float("nan")) if v.is_floating_point() else v,
+              "wrong shape": lambda v: v.flatten()[:1].clone() if v.ndim else v,
+              "wrong dtype": lambda v: v.to(torch.int32)}[how]
+    return save({k: change(v) for k, v in load(good).items()}, metadata=_meta_of(good))  # the metadata kept
 
 
 def _meta_of(data: bytes) -> dict:
@@ -270,7 +254,7 @@ def _jobs_variant(how: str) -> bytes:
 def _file_kinds(world_paths: dict) -> dict:
     """kind: (good bytes, another kind's bytes, variant(how) -> bytes, suffix, readers)."""
     refs, model = world_paths["refs"], world_paths["model"]
-    concept, ckpt = _concept_bytes(), None
+    concept = _concept_bytes()
     png = (refs / "r0.png").read_bytes()
     words = json.dumps(["a photo of *"] * 10).encode()
     return {
@@ -436,17 +420,6 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 
 @FAST
-@given(st.binary(max_size=400))
-def test_concept_reader_refuses_random_bytes_with_a_concept_error(tmp_path_factory, data):
-    from prospect.concept import ConceptError
-
-    path = tmp_path_factory.mktemp("fuzz") / "c.safetensors"
-    path.write_bytes(data)
-    with pytest.raises(ConceptError):
-        Concept.load(path)
-
-
-@FAST
 @given(st.integers(0, 2000), st.binary(max_size=16))
 def test_concept_reader_refuses_cut_or_damaged_concepts(tmp_path_factory, cut, noise):
     from prospect.concept import ConceptError
@@ -486,26 +459,29 @@ def test_words_reader_and_spectrum_refuse_any_json_with_a_spectrum_error(tmp_pat
     assert len(words) == 10
 
 
-@FAST
-@given(st.binary(max_size=300))
-def test_image_reader_refuses_random_bytes_with_an_image_error(tmp_path_factory, data):
+def _reader(kind: str):
+    """(read function, the error it must raise, file name) of the readers fed random bytes."""
+    from prospect.checkpoint import load_checkpoint
+    from prospect.concept import ConceptError
     from prospect.data import ImageError, open_image
 
-    path = tmp_path_factory.mktemp("fuzz") / "i.png"
-    path.write_bytes(data)
-    with pytest.raises(ImageError):
-        open_image(path)
+    return {"concept": (Concept.load, ConceptError, "c.safetensors"), "image": (open_image, ImageError, "i.png"),
+            "checkpoint": (load_checkpoint, ValueError, "c.ckpt.safetensors")}[kind]
 
 
-@FAST
-@given(st.binary(max_size=300))
-def test_checkpoint_reader_refuses_random_bytes_with_a_value_error(tmp_path_factory, data):
-    from prospect.checkpoint import load_checkpoint
+@pytest.mark.parametrize("kind, size", [("concept", 400), ("image", 300), ("checkpoint", 300)])
+def test_readers_refuse_random_bytes_with_their_own_error(kind, size, tmp_path_factory):
+    read, error, name = _reader(kind)
 
-    path = tmp_path_factory.mktemp("fuzz") / "c.ckpt.safetensors"
-    path.write_bytes(data)
-    with pytest.raises(ValueError):
-        load_checkpoint(path)
+    @FAST
+    @given(st.binary(max_size=size))
+    def refused(data):
+        path = tmp_path_factory.mktemp("fuzz") / name
+        path.write_bytes(data)
+        with pytest.raises(error):
+            read(path)
+
+    refused()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_reference_images
+from conftest import write_reference_images, write_report
 from prospect.checkpoint import load_checkpoint
 from prospect.cli import main
 from prospect.concept import Concept
@@ -65,11 +65,7 @@ def _note(case: str, tried: str, code: int, message: str) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    target = os.environ.get("PROSPECT_RELIABILITY_REPORT")
-    if target and os.environ.get("PYTEST_XDIST_WORKER"):
-        raise RuntimeError("PROSPECT_RELIABILITY_REPORT needs every case in one process: add -n 0")
-    if target:
-        Path(target).write_text(json.dumps(OBSERVED, indent=1) + "\n")
+    write_report("PROSPECT_RELIABILITY_REPORT", OBSERVED)
 
 
 @pytest.fixture(autouse=True)

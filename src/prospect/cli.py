@@ -348,8 +348,6 @@ def cmd_generate(args) -> None:
     check_output_folder(args.out)
     pp = _load(args)
     _load_concepts(pp, args.concept, concepts)
-    ProSpectPipeline.check_arguments(image, args.strength, args.height, args.width, args.steps, args.guidance_scale,
-                                     args.num_images, pp.pipe.scheduler.config.num_train_timesteps)  # this model's
     folder = ensure_dir(args.out)
     state = launch_state()
     paths = [folder / f"{args.seed}-{k:03d}.png" for k in range(args.num_images)]
@@ -444,18 +442,13 @@ def cmd_info(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
-    from .data import open_image
-    from .files import check_output_folder
     from .inversion import InversionConfig, check_config
 
     cfg = DemoConfig(out=Path(args.out), image=args.image, seed=args.seed)
     if args.steps is not None:
         cfg.inversion_steps = args.steps
     check_config(InversionConfig(steps=cfg.inversion_steps, seed=cfg.seed))  # before any work
-    check_output_folder(cfg.out)
-    if cfg.image:
-        open_image(cfg.image)
-    report = run_demo(cfg, pipeline=_load(args))  # on --device, in --dtype
+    report = run_demo(cfg, load=lambda: _load(args))  # on --device, in --dtype, once the inputs are checked
     for name, k in report.shown.items():
         mark = "NOT SHOWN" if name in report.failed_rows() else "ok"
         print(f"{name}: {k} of {len(report.readings[name])} images show what the row claims ({mark})")

@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -118,10 +119,12 @@ class DemoReport:
         return [name for name, k in self.shown.items() if not _enough(k, len(self.readings[name]))]
 
 
-def run_demo(cfg: DemoConfig, model: str | Path | None = None, pipeline: ProSpectPipeline | None = None) -> DemoReport:
+def run_demo(cfg: DemoConfig, model: str | Path | None = None,
+             load: Callable[[], ProSpectPipeline] | None = None) -> DemoReport:
     """Invert the reference, run every task, write the figure, the HTML report and the concept.
 
-    ``pipeline`` (already on its device, in its dtype) is used instead of loading ``model``.
+    ``load`` (called once the output folder and the reference are checked) gives the pipeline, already
+    on its device and in its dtype, instead of loading ``model`` on the CPU.
     """
     from .data import open_image
     from .distributed import Solo
@@ -129,11 +132,11 @@ def run_demo(cfg: DemoConfig, model: str | Path | None = None, pipeline: ProSpec
     start = time.time()
     check_output_folder(cfg.out)  # before the model loads
     reference = open_image(cfg.image) if cfg.image else world.render_pil(REFERENCE)
-    pp = pipeline or ProSpectPipeline.from_pretrained(model)
+    pp = load() if load is not None else ProSpectPipeline.from_pretrained(model)
     out = ensure_dir(cfg.out)
     pp.pipe.set_progress_bar_config(disable=True)
     inv = InversionConfig(initializer="shape", steps=cfg.inversion_steps, lr=cfg.lr, seed=cfg.seed, checkpoint_every=0)
-    concept = invert(pp.pipe, [reference], inv, accelerator=Solo(pp.device) if pipeline is not None else None)
+    concept = invert(pp.pipe, [reference], inv, accelerator=Solo(pp.device) if load is not None else None)
     pp.load_concept(concept)
     concept_path = concept.save(out / "concept.safetensors")
     results = {t.name: _run_task(pp, t, cfg) for t in TASKS}

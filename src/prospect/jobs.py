@@ -26,8 +26,9 @@ def read_jobs(path: Path, args: argparse.Namespace, add_options: Callable[[argpa
     """(name, namespace) per job of the list at ``path``: the command line's options ``args``, with the
     job's own keys instead; ``add_options`` adds the options a job may set (those of ``prospect train``)."""
     try:
-        if path.stat().st_size > MAX_BYTES:
-            raise ValueError(f"job list {path} is too large ({path.stat().st_size:,} bytes; at most {MAX_BYTES:,}): "
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise ValueError(f"job list {path} is too large ({size:,} bytes; at most {MAX_BYTES:,}): "
                              "split it into several lists")
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -357,8 +357,9 @@ def load_prospect_words(path: str | Path) -> list[str | int]:
 
     path = Path(path)
     try:
-        if path.is_file() and path.stat().st_size > MAX_WORDS_BYTES:
-            raise SpectrumError(f"prospect_words file '{path}' is too large ({path.stat().st_size:,} bytes; "
+        size = path.stat().st_size if path.is_file() else 0
+        if size > MAX_WORDS_BYTES:
+            raise SpectrumError(f"prospect_words file '{path}' is too large ({size:,} bytes; "
                                 f"N short prompts take at most {MAX_WORDS_BYTES:,})")
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
