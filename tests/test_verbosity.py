@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 import prospect
 import prospect.models  # noqa: F401  (imported first: the fixture then resets what their import set)
@@ -36,12 +37,12 @@ def fresh_libraries(monkeypatch, capfd):
 def test_api_is_quiet_by_default_and_set_verbosity_turns_it_back_on(tiny_model_dir, fresh_libraries, capfd):
     verbosity.quiet_by_default()  # what importing prospect's pipeline modules does
     pp = prospect.ProSpectPipeline.from_pretrained(tiny_model_dir)
-    pp("a cat", num_inference_steps=2)
+    pp("a cat", image=Image.new("RGB", (16, 16)), strength=1.0, num_inference_steps=2)  # builds the img2img pipeline
     quiet = capfd.readouterr()
     assert quiet.err == "" and quiet.out == ""  # no notes, no safety-checker paragraph, no loading or denoising bars
     prospect.set_verbosity("info")
     pp = prospect.ProSpectPipeline.from_pretrained(tiny_model_dir)
-    pp("a cat", num_inference_steps=2)
+    pp("a cat", image=Image.new("RGB", (16, 16)), strength=1.0, num_inference_steps=2)
     loud = capfd.readouterr().err
     assert "Loading pipeline components" in loud and "safety checker" in loud and "2/2" in loud
 

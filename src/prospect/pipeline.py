@@ -1,35 +1,90 @@
-"""Prompt-spectrum generation: a different prompt per denoising stage, txt2img and img2img.
+"""Prompt-spectrum generation: a different prompt per denoising stage, on stock diffusers pipelines.
 
 Implements the sampling side of ProSpect (Zhang et al., 2023): stage ``stage(t)`` of the
-timestep being evaluated picks that stage's conditioning. The stage prompts that the call's
-timesteps reach are encoded once per call, in one text-encoder batch; the denoising loop reuses
-the stock diffusers pipelines' own helpers (latent preparation, scheduler handling, decoding), so
-with one prompt in every stage the output equals ``StableDiffusionPipeline`` /
-``StableDiffusionImg2ImgPipeline`` for the same seed.
+timestep being evaluated picks that stage's conditioning. ``ProSpectPipeline`` is a convenience
+over a stock ``StableDiffusionPipeline``: it builds the stage texts (``prospect_words``, concepts,
+A1111 editing syntax), encodes them once per call, and runs the stock pipeline's own ``__call__``
+(txt2img, img2img, inpainting, or any pipeline given as ``pipeline=``, e.g. ControlNet) with a
+``StageSwitch`` callback. With one prompt in every stage the output is the stock pipeline's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+import math
+from dataclasses import dataclass, field, fields, replace
+from numbers import Real
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from .verbosity import quiet_by_default
 
 quiet_by_default()  # before diffusers' first import logs its notes
 
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from PIL import Image
 
 from .concept import Concept, add_concept
-from .spectrum import build_spectrum
 from .data import MAX_SIDE
+from .spectrum import build_spectrum
+from .stage_switch import StageSwitch
 from .stages import StageMap
 
 MAX_IMAGES = 10_000  # per call
 MAX_GUIDANCE = 100.0
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of one generation call; the flags of ``prospect generate`` derive from these fields."""
+
+    num_inference_steps: int = field(default=50, metadata={"flag": "--steps", "help": "denoising steps"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale (1 = off)"})
+    strength: float = field(default=0.6, metadata={"help": "img2img / inpainting: share of the steps that run, "
+                                                           "in [0, 1]"})
+    height: int | None = field(default=None, metadata={"help": "image height (default: the model's)"})
+    width: int | None = field(default=None, metadata={"help": "image width (default: the model's)"})
+    negative_prompt: str | None = field(default=None, metadata={"help": "what guidance steers away from"})
+    eta: float = field(default=0.0, metadata={"help": "DDIM's eta (0 = deterministic)"})
+    num_images_per_prompt: int = field(default=1, metadata={"flag": None})  # the CLI has --num-images, --batch-size
+
+    def check(self, img2img: bool = False, num_train_timesteps: int = 1000) -> None:
+        """One-line ValueErrors for bad settings (diffusers' own checks come later and are less specific)."""
+        for name in ("strength", "guidance_scale", "eta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        multiple = 8  # as diffusers requires
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (_not_int(value) or value <= 0 or value % multiple or value > MAX_SIDE):
+                raise ValueError(f"{name} must be a positive multiple of {multiple} up to {MAX_SIDE}, got {value}")
+        steps = self.num_inference_steps
+        if _not_int(steps) or not 1 <= steps <= num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {num_train_timesteps}] (the model's "
+                             f"training timesteps), got {steps}")
+        if _not_int(self.num_images_per_prompt) or not 1 <= self.num_images_per_prompt <= MAX_IMAGES:
+            raise ValueError(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES}], "
+                             f"got {self.num_images_per_prompt}")
+        if not 0 <= self.guidance_scale <= MAX_GUIDANCE:  # also catches NaN
+            raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE}] (1 = no guidance), "
+                             f"got {self.guidance_scale}")
+        if not math.isfinite(self.eta) or self.eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+        if img2img:
+            if not 0.0 <= self.strength <= 1.0:
+                raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+            if int(steps * self.strength) < 1:  # diffusers runs the last int(steps * strength) steps
+                raise ValueError(f"strength {self.strength} with {steps} steps denoises nothing; raise strength "
+                                 "or steps")
+
+
+GENERATION_FIELDS = frozenset(f.name for f in fields(GenerationConfig))
 
 
 @dataclass
@@ -44,13 +99,13 @@ class GenerationResult:
 
 
 class ProSpectPipeline:
-    """A Stable Diffusion pipeline that conditions each denoising stage on its own prompt."""
+    """A stock Stable Diffusion pipeline, with concepts and one prompt per denoising stage."""
 
     def __init__(self, pipe: StableDiffusionPipeline, num_stages: int = 10):
         self.pipe = pipe
-        self.img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
         self.concepts: dict[str, Concept] = {}
         self.stage_map = StageMap(num_stages, pipe.scheduler.config.num_train_timesteps)
+        self._variants: dict[type, object] = {}
 
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, num_stages: int = 10, **kwargs) -> "ProSpectPipeline":
@@ -70,6 +125,17 @@ class ProSpectPipeline:
     @property
     def device(self) -> torch.device:
         return self.pipe.device
+
+    def variant(self, cls: type):
+        """The stock pipeline ``cls`` on this pipeline's modules (e.g. ``StableDiffusionImg2ImgPipeline``)."""
+        if isinstance(self.pipe, cls):
+            return self.pipe
+        if cls not in self._variants:
+            self._variants[cls] = cls(**self.pipe.components)
+        variant = self._variants[cls]
+        variant.scheduler = self.pipe.scheduler  # a scheduler swapped on .pipe is used by every variant
+        variant.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
+        return variant
 
     def load_concept(self, concept: Concept | str | Path) -> Concept:
         """Add a concept's per-stage tokens to the text encoder (replacing one with its placeholder)."""
@@ -108,29 +174,18 @@ class ProSpectPipeline:
             num_inference_steps=num_inference_steps,
         )
 
-    @torch.no_grad()
-    def encode_stages(
-        self,
-        texts: list[list[str]],
-        num_images_per_prompt: int,
-        negative_prompt: str | None,
-        do_cfg: bool,
-        stages: Iterable[int] | None = None,
-    ) -> dict[int, torch.Tensor]:
-        """The UNet's ``encoder_hidden_states`` of each stage (``stages``, default all): [B, L, D], or
-        [2B, L, D] = (negative, positive) under guidance. Each distinct text is encoded once, in one batch."""
-        stages = sorted(set(range(self.num_stages) if stages is None else stages))
-        unique = sorted({per_prompt[k] for per_prompt in texts for k in stages})  # texts of unused stages are skipped
-        if do_cfg:  # the negative prompt rides in the same text-encoder batch
-            unique.append(negative_prompt or "")
-        embeds, _ = self.pipe.encode_prompt(unique, self.device, 1, False)
-        index = {t: i for i, t in enumerate(unique[: len(unique) - do_cfg])}
-        conditioning = {}
-        for k in stages:  # built once per call, so the denoising loop only looks them up
-            rows = [index[per_prompt[k]] for per_prompt in texts]
-            cond = embeds[rows].repeat_interleave(num_images_per_prompt, dim=0)
-            conditioning[k] = torch.cat([embeds[-1:].expand_as(cond), cond]) if do_cfg else cond
-        return conditioning
+    def stage_switch(self, prompt: str | list[str] = "*", prospect_words: Sequence[str | int] | None = None,
+                     config: GenerationConfig | None = None, pipeline=None, clip_skip: int | None = None,
+                     strength: float | None = None) -> StageSwitch:
+        """The callback that runs ``prompt``'s spectrum on a stock pipeline (default this one), with only the
+        stages the call reaches encoded; pass ``**switch.start(...)`` and ``callback_on_step_end=switch``."""
+        cfg = config or GenerationConfig()
+        pipeline = pipeline or self.pipe
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        texts = [self.stage_prompts(p, prospect_words, cfg.num_inference_steps) for p in prompts]
+        reached = _timesteps(pipeline, cfg.num_inference_steps, strength)
+        return StageSwitch.encode(pipeline, texts, cfg.negative_prompt, self.stage_map,
+                                  self.stage_map.stages(reached), cfg.num_images_per_prompt, clip_skip)
 
     @torch.no_grad()
     def __call__(
@@ -138,110 +193,135 @@ class ProSpectPipeline:
         prompt: str | list[str] = "*",
         prospect_words: Sequence[str | int] | None = None,
         image: Image.Image | torch.Tensor | None = None,
-        strength: float = 0.6,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
+        config: GenerationConfig | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
+        mask_image=None,
+        pipeline=None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        **kwargs,
     ) -> GenerationResult:
-        """Generate with one prompt per stage; with ``image``, edit it (img2img, ``strength``)."""
+        """Generate with one prompt per stage: txt2img; with ``image``, img2img; with ``image`` and
+        ``mask_image``, inpainting; with ``pipeline``, that stock pipeline (``image`` is then its own
+        argument, e.g. ControlNet's control image). ``config`` holds the settings, and any of its fields
+        may also be given as keywords; other keywords go to the stock ``__call__`` (``guidance_rescale``,
+        ``clip_skip``, ``cross_attention_kwargs``, ``latents``, ...)."""
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_FIELDS}
+        cfg = replace(config or GenerationConfig(), **settings)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        self.check_arguments(image, strength, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                             self.pipe.scheduler.config.num_train_timesteps)
-        texts = [self.stage_prompts(p, prospect_words, num_inference_steps) for p in prompts]
-        do_cfg = guidance_scale > 1.0
-        timesteps = self._timesteps(image, strength, num_inference_steps)
-        stages = self.stage_map.stages(timesteps)
-        conditioning = self.encode_stages(texts, num_images_per_prompt, negative_prompt, do_cfg, stages)
-        dtype = conditioning[stages[0]].dtype
-        latents = self._initial_latents(image, height, width, timesteps, len(prompts) * num_images_per_prompt,
-                                        dtype, generator)
-        extra = self.pipe.prepare_extra_step_kwargs(generator, eta)
-        for i, t in enumerate(self.pipe.progress_bar(timesteps)):
-            model_in = torch.cat([latents] * 2) if do_cfg else latents
-            model_in = self.pipe.scheduler.scale_model_input(model_in, t)
-            pred = self.pipe.unet(model_in, t, encoder_hidden_states=conditioning[stages[i]], return_dict=False)[0]
-            if do_cfg:
-                pred_uncond, pred_text = pred.chunk(2)
-                pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
-            latents = self.pipe.scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
-        images = self._decode(latents, generator, output_type)
+        stock = pipeline or self.variant(StableDiffusionInpaintPipeline if mask_image is not None else
+                                         StableDiffusionImg2ImgPipeline if image is not None else StableDiffusionPipeline)
+        takes = inspect.signature(stock.__call__).parameters
+        edits = "strength" in takes and image is not None  # denoises the last share of the steps
+        cfg.check(img2img=edits, num_train_timesteps=self.stage_map.num_train_timesteps)
+        strength = cfg.strength if edits else None
+        switch = self.stage_switch(prompts, prospect_words, cfg, stock, kwargs.get("clip_skip"), strength)
+        call = dict(kwargs, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                    num_images_per_prompt=cfg.num_images_per_prompt, eta=cfg.eta, generator=generator,
+                    output_type="latent" if output_type == "latent" else "pt")
+        if image is not None:
+            call["image"] = image
+        if mask_image is not None:
+            call["mask_image"] = mask_image
+        if edits:
+            call["strength"] = cfg.strength
+        if "height" in takes:
+            call.update(height=cfg.height, width=cfg.width)
+        elif edits and (cfg.height or cfg.width):  # stock img2img takes the image's size: resize it first
+            call["image"] = _resized(stock, image, cfg.height, cfg.width)
+        if isinstance(stock, StableDiffusionImg2ImgPipeline):
+            call["image"] = self._one_image_per_output(stock, call["image"], len(prompts) * cfg.num_images_per_prompt,
+                                                       generator)
+        call.update(switch.start(stock, cfg.num_inference_steps, strength))
+        call["callback_on_step_end"] = _compose(callback_on_step_end, callback_on_step_end_tensor_inputs, switch)
+        images = _checked(stock, stock(**call).images, output_type)
         params = dict(
             prompt=prompts, prospect_words=list(prospect_words) if prospect_words is not None else None,
-            img2img=image is not None, strength=strength if image is not None else None,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-            eta=eta, scheduler=type(self.pipe.scheduler).__name__, num_stages=self.num_stages,
-            concepts=sorted(self.concepts),
+            img2img=edits, strength=cfg.strength if edits else None, inpainting=mask_image is not None,
+            pipeline=type(stock).__name__, num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, eta=cfg.eta,
+            scheduler=type(stock.scheduler).__name__, num_stages=self.num_stages, concepts=sorted(self.concepts),
         )
-        return GenerationResult(images, texts, [int(t) for t in timesteps], stages, params)
+        return GenerationResult(images, switch.stage_texts, [int(t) for t in switch.timesteps], switch.stages, params)
 
-    def _timesteps(self, image, strength: float, steps: int) -> torch.Tensor:
-        """The timesteps to denoise: all (txt2img) or the last ``strength`` share (img2img), as diffusers."""
-        self.pipe.scheduler.set_timesteps(steps, device=self.device)
-        if image is None:
-            return self.pipe.scheduler.timesteps
-        timesteps, _ = self.img2img.get_timesteps(steps, strength, self.device)
-        if len(timesteps) == 0:
-            raise ValueError(f"strength {strength} with {steps} steps denoises nothing; raise strength or steps")
-        return timesteps
-
-    def _initial_latents(self, image, height, width, timesteps, batch, dtype, generator) -> torch.Tensor:
-        """Noise (txt2img) or the image noised to the first timestep (img2img), as diffusers does."""
-        if image is None:
-            height = height or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-            width = width or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-            return self.pipe.prepare_latents(
-                batch, self.pipe.unet.config.in_channels, height, width, dtype, self.device, generator, None
-            )
-        pixels = self.img2img.image_processor.preprocess(image, height=height, width=width)
-        start = timesteps[:1].repeat(batch)
-        if len(pixels) < batch and batch % len(pixels) == 0:
-            # one image per output, as diffusers asks (it deprecates duplicating images for more prompts)
-            if isinstance(generator, list) or self.pipe.vae.config.latent_channels != 4:  # each copy encoded
-                # (diffusers takes a 4-channel tensor for latents, and encodes a copy per generator of a list)
-                pixels = pixels.repeat(batch // len(pixels), 1, 1, 1)
-            else:  # one encoding, then copies: the same draws as diffusers' duplication
-                vae = self.pipe.vae
-                encoded = retrieve_latents(vae.encode(pixels.to(self.device, dtype)), generator=generator)
-                pixels = (vae.config.scaling_factor * encoded).repeat(batch // len(pixels), 1, 1, 1)
-        return self.img2img.prepare_latents(pixels, start, batch, 1, dtype, self.device, generator)
-
-    def _decode(self, latents: torch.Tensor, generator, output_type: str):
-        if output_type == "latent":
-            return latents
-        vae = self.pipe.vae
-        decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-        if not torch.isfinite(decoded).all():  # would silently become black images
-            where = "the denoiser" if not torch.isfinite(latents).all() else "the VAE decoder"
-            raise ValueError(f"{where} produced NaN or infinite values: the model's weights are damaged, or float16 "
-                             "overflowed (try --dtype float32 / torch_dtype=torch.float32)")
-        return self.pipe.image_processor.postprocess(decoded, output_type=output_type)
+    @staticmethod
+    def _one_image_per_output(stock, image, batch: int, generator):
+        """One input image for several outputs, without diffusers' deprecated duplication: encoded once and the
+        latents repeated (the draws of diffusers' duplication), or the image repeated where each copy is encoded."""
+        if not isinstance(image, Image.Image) and not (isinstance(image, torch.Tensor) and image.ndim == 3):
+            return image  # a list or a batch: diffusers' own rules
+        if batch == 1:
+            return image
+        if isinstance(generator, list) or stock.vae.config.latent_channels != 4:  # stock takes 4-channel latents
+            return [image] * batch if isinstance(image, Image.Image) else image.unsqueeze(0).repeat(batch, 1, 1, 1)
+        pixels = stock.image_processor.preprocess(image)
+        vae = stock.vae
+        encoded = retrieve_latents(vae.encode(pixels.to(stock._execution_device, vae.dtype)), generator=generator)
+        return (vae.config.scaling_factor * encoded).repeat(batch, 1, 1, 1)
 
     @staticmethod
     def check_arguments(image, strength, height, width, steps, guidance_scale, num_images,
                         num_train_timesteps: int = 1000) -> None:
-        """One-line errors for bad arguments (diffusers' own checks come later and are less specific)."""
-        for name, value in (("strength", strength), ("guidance_scale", guidance_scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-        if image is not None and not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        multiple = 8  # as diffusers requires
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and (_not_int(value) or value <= 0 or value % multiple or value > MAX_SIDE):
-                raise ValueError(f"{name} must be a positive multiple of {multiple} up to {MAX_SIDE}, got {value}")
-        if _not_int(steps) or not 1 <= steps <= num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {num_train_timesteps}] (the model's "
-                             f"training timesteps), got {steps}")
-        if _not_int(num_images) or not 1 <= num_images <= MAX_IMAGES:
-            raise ValueError(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES}], got {num_images}")
-        if not 0 <= guidance_scale <= MAX_GUIDANCE:  # also catches NaN
-            raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE}] (1 = no guidance), got {guidance_scale}")
+        """``GenerationConfig.check`` of these settings (kept for callers of the earlier API)."""
+        GenerationConfig(num_inference_steps=steps, guidance_scale=guidance_scale, strength=strength, height=height,
+                         width=width, num_images_per_prompt=num_images).check(image is not None, num_train_timesteps)
+
+
+def _timesteps(pipe, steps: int, strength: float | None) -> torch.Tensor:
+    """The timesteps ``pipe``'s ``__call__`` will denoise: all (txt2img) or the last ``strength`` share."""
+    pipe.scheduler.set_timesteps(steps, device="cpu")
+    if strength is None or not hasattr(pipe, "get_timesteps"):
+        return pipe.scheduler.timesteps
+    timesteps, _ = pipe.get_timesteps(steps, strength, "cpu")
+    if len(timesteps) == 0:
+        raise ValueError(f"strength {strength} with {steps} steps denoises nothing; raise strength or steps")
+    return timesteps
+
+
+def _resized(stock, image, height, width):
+    if not isinstance(image, Image.Image):
+        raise ValueError("height and width resize a PIL input image; resize a tensor before the call")
+    return stock.image_processor.resize(image, height or image.height, width or image.width)
+
+
+class _FunctionCallback(PipelineCallback):
+    """A user's plain ``callback_on_step_end`` function, as a PipelineCallback that composes with others."""
+
+    def __init__(self, fn, tensor_inputs: list[str]):
+        super().__init__()
+        self.fn, self._inputs = fn, list(tensor_inputs)
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        return self._inputs
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        return self.fn(pipeline, step_index, timestep, callback_kwargs)
+
+
+def _compose(user, tensor_inputs, switch: StageSwitch):
+    """The user's callback(s) first, then the stage switch (which sees, e.g., a guidance cut-off)."""
+    if user is None:
+        return switch
+    if isinstance(user, MultiPipelineCallbacks):
+        return MultiPipelineCallbacks([*user.callbacks, switch])
+    if not isinstance(user, PipelineCallback):
+        user = _FunctionCallback(user, tensor_inputs or ["latents"])
+    return MultiPipelineCallbacks([user, switch])
+
+
+def _checked(stock, images, output_type: str):
+    """The stock pipeline's output as ``output_type``, refusing NaN (which would silently become black images)."""
+    if output_type == "latent":
+        return images
+    if not torch.isfinite(images).all():
+        raise ValueError("the denoiser or the VAE decoder produced NaN or infinite values: the model's weights are "
+                         "damaged, or float16 overflowed (try --dtype float32 / torch_dtype=torch.float32)")
+    if output_type == "pt":
+        return images
+    array = stock.image_processor.pt_to_numpy(images)
+    return array if output_type == "np" else stock.image_processor.numpy_to_pil(array)
 
 
 def _not_int(value) -> bool:

@@ -1,0 +1,122 @@
+"""The prompt spectrum as a diffusers callback: each stage's conditioning, swapped in by the timestep.
+
+``StageSwitch`` is a ``PipelineCallback`` (diffusers' supported extension point, as
+``SDCFGCutoffCallback``). After every denoising step it sets ``prompt_embeds`` to the stage of the
+timestep the pipeline evaluates next, so a stock pipeline's own ``__call__`` runs ProSpect: txt2img,
+img2img, inpainting, ControlNet, with guidance rescale, IP-Adapter, offload hooks and a user's own
+callbacks (compose with ``diffusers.callbacks.MultiPipelineCallbacks``)::
+
+    switch = StageSwitch.encode(pipe, stage_texts, negative_prompt="")
+    image = pipe(**switch.start(pipe, num_inference_steps=50), num_inference_steps=50,
+                 callback_on_step_end=switch).images[0]
+
+``start`` gives the conditioning of the first timestep (the callback only runs after a step).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .verbosity import quiet_by_default
+
+quiet_by_default()  # before diffusers' first import logs its notes
+
+import torch
+from diffusers.callbacks import PipelineCallback
+
+from .stages import StageMap
+
+
+class StageSwitch(PipelineCallback):
+    """Holds per-stage prompt embeddings and puts the right one in place before each step."""
+
+    tensor_inputs = ["prompt_embeds"]
+
+    def __init__(self, stage_embeds: dict[int, torch.Tensor], negative_embeds: torch.Tensor | None,
+                 stage_map: StageMap, num_images_per_prompt: int = 1):
+        """``stage_embeds[k]``: [prompts, L, D] for stage k (the stages the call reaches);
+        ``negative_embeds``: [prompts, L, D], used under classifier-free guidance."""
+        super().__init__()
+        self.stage_embeds = stage_embeds
+        self.negative_embeds = negative_embeds
+        self.stage_map = stage_map
+        self.num_images_per_prompt = num_images_per_prompt
+        self.stage_texts: list[list[str]] | None = None  # what was encoded, when built by ``encode``
+        self.trace: list[tuple[float, int]] = []  # (timestep, stage) of every step evaluated
+        self._current: int | None = None
+        self._batched: dict[tuple[int, bool], torch.Tensor] = {}
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, pipe, stage_texts: Sequence[Sequence[str]], negative_prompt: str | None = None,
+               stage_map: StageMap | None = None, stages: Sequence[int] | None = None,
+               num_images_per_prompt: int = 1, clip_skip: int | None = None) -> "StageSwitch":
+        """Encode each prompt's N stage texts (``stage_texts[p][k]``) with ``pipe``'s text encoder: each
+        distinct text once, in one batch with the negative prompt. ``stages`` limits it to the stages
+        a call reaches."""
+        num_stages = len(stage_texts[0])
+        stage_map = stage_map or StageMap(num_stages, pipe.scheduler.config.num_train_timesteps)
+        stages = sorted(set(range(num_stages) if stages is None else stages))
+        unique = sorted({texts[k] for texts in stage_texts for k in stages})
+        embeds, _ = pipe.encode_prompt(unique + [negative_prompt or ""], pipe._execution_device, 1, False,
+                                       clip_skip=clip_skip)
+        row = {text: i for i, text in enumerate(unique)}
+        per_stage = {k: embeds[[row[texts[k]] for texts in stage_texts]] for k in stages}
+        negative = embeds[-1:].expand(len(stage_texts), -1, -1)
+        switch = cls(per_stage, negative, stage_map, num_images_per_prompt)
+        switch.stage_texts = [list(texts) for texts in stage_texts]
+        return switch
+
+    def first_timestep(self, pipe, num_inference_steps: int, strength: float | None = None):
+        """The first timestep ``pipe`` will denoise (as its own ``__call__`` computes it)."""
+        pipe.scheduler.set_timesteps(num_inference_steps, device="cpu")
+        if strength is not None and hasattr(pipe, "get_timesteps"):  # img2img, inpainting: the last share only
+            timesteps, _ = pipe.get_timesteps(num_inference_steps, strength, "cpu")
+            if len(timesteps) == 0:
+                raise ValueError(f"strength {strength} with {num_inference_steps} steps denoises nothing; "
+                                 "raise strength or steps")
+            return timesteps[0]
+        return pipe.scheduler.timesteps[0]
+
+    def start(self, pipe, num_inference_steps: int, strength: float | None = None) -> dict[str, torch.Tensor]:
+        """``prompt_embeds`` and ``negative_prompt_embeds`` for the stock ``__call__``: the first timestep's stage."""
+        self.trace = []
+        self._current = self.stage_map.stage(self.first_timestep(pipe, num_inference_steps, strength))
+        embeds = {"prompt_embeds": self._embeds(self._current)}
+        if self.negative_embeds is not None:
+            embeds["negative_prompt_embeds"] = self.negative_embeds
+        return embeds
+
+    def _embeds(self, stage: int, guided: bool | None = None) -> torch.Tensor:
+        """Stage ``stage``'s embeddings: [prompts] for ``start``, or the loop's batch (images, with the negative
+        rows first when ``guided``)."""
+        if stage not in self.stage_embeds:
+            raise ValueError(f"stage {stage} was not encoded (encoded: {sorted(self.stage_embeds)})")
+        if guided is None:
+            return self.stage_embeds[stage]
+        key = (stage, guided)
+        if key not in self._batched:  # built once per stage and call, so each step only looks it up
+            cond = self.stage_embeds[stage].repeat_interleave(self.num_images_per_prompt, dim=0)
+            if guided:
+                cond = torch.cat([self.negative_embeds.repeat_interleave(self.num_images_per_prompt, dim=0), cond])
+            self._batched[key] = cond
+        return self._batched[key]
+
+    def callback_fn(self, pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
+        self.trace.append((float(timestep), self._current))
+        timesteps = pipeline.scheduler.timesteps  # the pipeline denoises its last num_timesteps entries
+        following = len(timesteps) - pipeline.num_timesteps + step_index + 1
+        if following < len(timesteps):
+            stage = self.stage_map.stage(timesteps[following])
+            if stage != self._current:  # a user's callback may change the embeddings within a stage
+                callback_kwargs["prompt_embeds"] = self._embeds(stage, pipeline.do_classifier_free_guidance)
+                self._current = stage
+        return callback_kwargs
+
+    @property
+    def timesteps(self) -> list[float]:
+        return [t for t, _ in self.trace]
+
+    @property
+    def stages(self) -> list[int]:
+        return [k for _, k in self.trace]
