@@ -100,7 +100,7 @@ def load_model(name: str, device: str, dtype: torch.dtype):
     if name == "sd15":
         pipe = random_sd15()
     else:
-        from prospect.models import load_pipeline
+        from prospect.loading import load_pipeline
 
         pipe = load_pipeline(None if name == "toy" else name)
     pipe.set_progress_bar_config(disable=True)
@@ -112,7 +112,7 @@ def random_sd15():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from prospect.models import CONFIG_DIR
+    from prospect.loading import CONFIG_DIR
 
     folder = CONFIG_DIR / "sd-v1"
     torch.manual_seed(0)

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from prospect import Concept, InversionConfig, ProSpectPipeline, invert, world
-from prospect import benchmark as bm
+from prospect import Concept, InversionConfig, ProSpectPipeline, invert
+from prospect.toyworld import world
+from prospect.toyworld import benchmark as bm
 from prospect.outputs import make_grid
-from prospect.world_reader import Reading, read_batch
+from prospect.toyworld.reader import Reading, read_batch
 
 METHODS = ("prospect", "ti", "caption")
 LABEL = {"prospect": "ProSpect", "prospect_chosen": "ProSpect, pilot-chosen split", "ti": "TI",

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: the workers share the machine's cores
     torch.set_num_threads(1)
 
-from prospect.models import CONFIG_DIR  # noqa: E402
+from prospect.loading import CONFIG_DIR  # noqa: E402
 
 SHIPPED_TOKENIZER = CONFIG_DIR / "sd-v1" / "tokenizer"
 

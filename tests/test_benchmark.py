@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prospect import benchmark as bm
-from prospect import world
+from prospect.toyworld import benchmark as bm
+from prospect.toyworld import world
 from prospect.spectrum import resolve_editing
-from prospect.world_reader import read
+from prospect.toyworld.reader import read
 
 REF = world.Scene(position="left", shape="triangle", colour="red", texture="checkered", background="dark")
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "transfer.py"

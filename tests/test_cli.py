@@ -172,7 +172,7 @@ def test_version(capsys):
 
 
 def test_concept_records_a_model_name_and_fingerprint_not_a_path(trained, tiny_model_dir, capsys):
-    from prospect.models import fingerprint, load_pipeline
+    from prospect.loading import fingerprint, load_pipeline
 
     concept = Concept.load(trained)
     assert concept.base_model == tiny_model_dir.name and "/" not in concept.base_model

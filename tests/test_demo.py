@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from prospect import world
+from prospect.toyworld import world
 from prospect.cli import main
-from prospect.demo import REFERENCE, TASK_BY_NAME, TASKS, DemoConfig, _shows, run_demo
-from prospect.world_reader import read
+from prospect.toyworld.demo import REFERENCE, TASK_BY_NAME, TASKS, DemoConfig, _shows, run_demo
+from prospect.toyworld.reader import read
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def demo_run(tmp_path_factory):
     import functools
     import io
 
-    import prospect.demo
+    import prospect.toyworld.demo
 
     reports = []
 
@@ -31,8 +31,8 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "d"
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
-        mp.setattr(prospect.demo, "DemoConfig", functools.partial(DemoConfig, samples=2, num_inference_steps=4))
-        mp.setattr(prospect.demo, "run_demo", keep)
+        mp.setattr(prospect.toyworld.demo, "DemoConfig", functools.partial(DemoConfig, samples=2, num_inference_steps=4))
+        mp.setattr(prospect.toyworld.demo, "run_demo", keep)
         assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
     (report,) = reports
     return report, printed.getvalue(), out

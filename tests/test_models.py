@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from prospect.clip_bpe import vocab_and_merges
-from prospect.models import CONFIG_DIR, ModelError, _tokenizer, load_pipeline
+from prospect.loading import CONFIG_DIR, ModelError, _tokenizer, load_pipeline
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP BPE
 COMPONENTS = ("unet", "vae", "text_encoder")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from prospect import world
-from prospect.toymodel import default_model_path
-from prospect.toymodel.tokenizer import learn_merges, write_tokenizer
+from prospect.toyworld import world
+from prospect.loading import EMBEDDED_MODEL
+from prospect.toyworld.recipe.tokenizer import learn_merges, write_tokenizer
 
 
 def test_world_words_are_single_tokens(tmp_path):
@@ -33,7 +34,7 @@ def test_shipped_model_is_small_safetensors_and_loads_offline(monkeypatch):
     from diffusers import StableDiffusionPipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path = default_model_path()
+    path = EMBEDDED_MODEL
     files = [p for p in path.rglob("*") if p.is_file()]
     weights = [p for p in files if p.suffix == ".safetensors"]
     assert len(weights) == 3 and not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
@@ -64,7 +65,7 @@ def test_seeded_generation_is_deterministic(toy):
 @pytest.mark.slow
 def test_generated_images_follow_their_captions(toy):
     """A small version of the model card's accuracy table (20 captions; loose thresholds)."""
-    from prospect.toymodel.quality import generation_accuracy
+    from prospect.toyworld.recipe.quality import generation_accuracy
 
     acc = generation_accuracy(toy, n=20, seed=5, steps=50)
     assert acc["position"] >= 0.8, acc  # chance is 0.2; the first model (three UNet levels) was at chance
@@ -75,7 +76,7 @@ def test_generated_images_follow_their_captions(toy):
 @pytest.mark.slow
 def test_quality_script_writes_its_tables_plot_and_json(tmp_path, capsys):
     """The model card's measurement, at tiny settings: accuracy, PSNR, spectrum with readability."""
-    from prospect.toymodel.quality import decided_at, main
+    from prospect.toyworld.recipe.quality import decided_at, main
 
     main(["--captions", "4", "--pairs", "2", "--steps", "4", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
@@ -105,7 +106,7 @@ def test_recipe_resumes_to_the_same_weights_and_continues_from_a_model(tmp_path)
     """The training recipe on tiny settings: an interrupted run resumed equals an uninterrupted one,
     and ``--init-from`` keeps the given model's autoencoder and warm-starts its UNet."""
     from prospect.checkpoint import load_checkpoint
-    from prospect.toymodel.train import main
+    from prospect.toyworld.recipe.train import main
 
     main(["--work", str(tmp_path / "whole"), "--out", str(tmp_path / "whole-model"), *TINY_RECIPE])
     main(["--work", str(tmp_path / "cut"), "--out", str(tmp_path / "cut-model"), *TINY_RECIPE, "--max-minutes", "1e-9"])
@@ -122,3 +123,23 @@ def test_recipe_resumes_to_the_same_weights_and_continues_from_a_model(tmp_path)
     assert not all(torch.equal(whole[k], more[k]) for k in whole)
     scale = lambda d: json.loads((d / "vae" / "config.json").read_text())["scaling_factor"]  # noqa: E731
     assert scale(tmp_path / "more-model") == scale(tmp_path / "whole-model")
+
+
+def test_no_module_of_the_core_imports_the_toy_world():
+    """The core (stages, spectrum, concept, inversion, generation, loading...) knows nothing of the toy world:
+    only the CLI's ``demo`` command reaches into it, inside its own function."""
+    import ast
+
+    import prospect
+
+    root = Path(prospect.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any("toyworld" in n or n.startswith(("world", "toymodel")) for n in names):
+                assert path.name == "cli.py", f"{path.name} imports {names}"
+    cli = ast.parse((root / "cli.py").read_text())
+    top = [n for n in cli.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not any("toyworld" in (n.module or "") for n in top if isinstance(n, ast.ImportFrom))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import prospect
-import prospect.models  # noqa: F401  (imported first: the fixture then resets what their import set)
+import prospect.loading  # noqa: F401  (imported first: the fixture then resets what their import set)
 import prospect.pipeline  # noqa: F401
 from prospect import verbosity
 

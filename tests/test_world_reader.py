@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prospect import world
-from prospect.world_reader import Reading, accuracy, read, read_batch
+from prospect.toyworld import world
+from prospect.toyworld.reader import Reading, accuracy, read, read_batch
 
 
 def _scenes(n: int, seed: int) -> list[world.Scene]:

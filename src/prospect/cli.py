@@ -178,7 +178,7 @@ def _load(args):
     import torch
 
     from .distributed import launch_state
-    from .models import load_pipeline, make_scheduler
+    from .loading import load_pipeline, make_scheduler
     from .pipeline import ProSpectPipeline
 
     device = args.device or str(launch_state().device)  # under a launcher: this process's GPU
@@ -321,7 +321,7 @@ def cmd_generate(args) -> None:
     from .data import open_image
     from .distributed import generate_share, launch_state
     from .files import check_output_folder
-    from .models import SCHEDULERS
+    from .loading import SCHEDULERS
     from .outputs import ensure_dir, make_grid, save_png
     from .pipeline import ProSpectPipeline
     from .spectrum import SpectrumError, build_spectrum
@@ -440,7 +440,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import DemoConfig, run_demo
+    from .toyworld.demo import DemoConfig, run_demo
 
     from .inversion import InversionConfig, check_config
 

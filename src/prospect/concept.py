@@ -78,7 +78,7 @@ class Concept:
     num_train_timesteps: int = 1000
     initializer: str = ""
     base_model: str = ""  # a name (folder or file name, or the model's hub id), never a local path
-    base_model_fingerprint: str = ""  # of the base model's token embeddings (see prospect.models.fingerprint)
+    base_model_fingerprint: str = ""  # of the base model's token embeddings (see prospect.loading.fingerprint)
 
     def __post_init__(self) -> None:
         """Validate fields and store the embeddings as a detached float32 CPU tensor."""

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .concept import Concept, add_concept, check_placeholder, init_embeddings
 from .data import MAX_SIDE, prepare, to_tensor
-from .models import fingerprint as model_fingerprint, model_name
+from .loading import fingerprint as model_fingerprint, model_name
 from .stages import StageMap
 
 

@@ -110,7 +110,7 @@ class ProSpectPipeline:
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, num_stages: int = 10, **kwargs) -> "ProSpectPipeline":
         """Load a local model (diffusers folder, single file, or None for the embedded default)."""
-        from .models import load_pipeline
+        from .loading import load_pipeline
 
         return cls(load_pipeline(model, **kwargs), num_stages=num_stages)
 

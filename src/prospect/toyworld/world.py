@@ -3,7 +3,7 @@
 Every image is one object on a plain background. Its attributes sit at known spatial
 frequencies: position and shape are low-frequency (layout), colour is a flat mid-level
 signal, texture is a 2-3 px pattern (high frequency by construction). The embedded default
-model is trained on this world, and :mod:`prospect.world_reader` reads every attribute back.
+model is trained on this world, and :mod:`prospect.toyworld.reader` reads every attribute back.
 """
 
 from __future__ import annotations

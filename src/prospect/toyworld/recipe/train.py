@@ -1,6 +1,6 @@
 """The recipe that reproduces the embedded model from scratch: autoencoder, then UNet + text.
 
-Run: ``python -m prospect.toymodel.train --work runs/toy --out src/prospect/models/toy-world``.
+Run: ``python -m prospect.toyworld.recipe.train --work runs/toy --out src/prospect/toyworld/model``.
 Every phase checkpoints atomically and resumes where it stopped (`--work` holds the state).
 Per-step randomness is derived from (seed, step), so a resumed run equals an uninterrupted one.
 """
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import world
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ...checkpoint import load_checkpoint, save_checkpoint
 from . import architecture
 from .tokenizer import write_tokenizer
 
@@ -223,7 +223,7 @@ def quick_accuracy(cfg: ToyTrainConfig, bank: dict, tokenizer, unet, text) -> di
     """Attribute accuracy of the current EMA model on a few fixed captions (a learning curve)."""
     from diffusers import StableDiffusionPipeline
 
-    from ..world_reader import read_batch
+    from ..reader import read_batch
 
     vae = bank["vae"]
     vae.register_to_config(scaling_factor=float(bank["scaling_factor"]))

@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from prospect import world
+from . import world
 
 _R = world.RESOLUTION
 # Template centres around each position: covers the jitter and some drift of a model's output.

@@ -11,7 +11,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from ..clip_bpe import _bytes_to_unicode
+from ...clip_bpe import _bytes_to_unicode
 from ..world import vocabulary
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

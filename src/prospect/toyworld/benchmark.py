@@ -5,7 +5,7 @@ attribute of a reference (its material, its layout, its colour) and the rest fro
 textual inversion (TI: the same ``invert`` code with ``num_stages=1``, one token for every
 timestep, the same steps, lr, batch size, seed and initializer). ``bench/transfer.py`` runs it.
 
-Tasks (every image is read back by :mod:`prospect.world_reader`; the background is scored only
+Tasks (every image is read back by :mod:`prospect.toyworld.reader`; the background is scored only
 in reconstruction, since no transfer prompt names it):
 
 * reconstruction: all five attributes match the reference;
@@ -50,8 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import world
-from .spectrum import resolve_editing
-from .world_reader import Reading
+from ..spectrum import resolve_editing
+from .reader import Reading
 
 Split = tuple[int, int]  # ProSpect: the composed prompt ('*') in stages [lo, hi), plain text elsewhere
 _WORD_ORDER = ("texture", "colour", "shape")  # the order of the world's captions, then position

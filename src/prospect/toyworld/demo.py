@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 
 from . import world
-from .inversion import InversionConfig, invert
-from .files import atomic_write_text, check_output_folder
-from .outputs import ensure_dir, make_grid, save_png
-from .pipeline import ProSpectPipeline
-from .visualize import visualize
-from .world_reader import Reading, read
+from ..inversion import InversionConfig, invert
+from ..files import atomic_write_text, check_output_folder
+from ..outputs import ensure_dir, make_grid, save_png
+from ..pipeline import ProSpectPipeline
+from ..visualize import visualize
+from .reader import Reading, read
 
 REFERENCE = world.Scene(position="left", shape="triangle", colour="red", texture="checkered", background="light")
 EDIT_INPUT = world.Scene(position="right", shape="circle", colour="blue", texture="plain", background="light")
@@ -126,8 +126,8 @@ def run_demo(cfg: DemoConfig, model: str | Path | None = None,
     ``load`` (called once the output folder and the reference are checked) gives the pipeline, already
     on its device and in its dtype, instead of loading ``model`` on the CPU.
     """
-    from .data import open_image
-    from .distributed import Solo
+    from ..data import open_image
+    from ..distributed import Solo
 
     start = time.time()
     check_output_folder(cfg.out)  # before the model loads

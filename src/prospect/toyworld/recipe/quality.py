@@ -1,6 +1,6 @@
 """Measures the embedded model: attribute accuracy, autoencoder PSNR, and its spectrum.
 
-Run: ``python -m prospect.toymodel.quality [--model DIR] [--captions 200] [--out DIR]``.
+Run: ``python -m prospect.toyworld.recipe.quality [--model DIR] [--captions 200] [--out DIR]``.
 Prints markdown tables (for the model card) and writes ``quality.json`` and ``spectrum.png``.
 
 The spectrum probe switches the prompt from caption A (stages >= k, the start of generation)
@@ -20,9 +20,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import world
-from ..files import atomic_write
-from ..pipeline import ProSpectPipeline
-from ..world_reader import read
+from ...files import atomic_write
+from ...pipeline import ProSpectPipeline
+from ..reader import read
 
 COLOURS = {"position": (220, 40, 40), "shape": (40, 140, 60), "colour": (40, 80, 220), "texture": (200, 150, 0),
            "background": (120, 120, 120)}

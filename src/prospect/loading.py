@@ -50,10 +50,12 @@ class ModelError(ValueError):
     """A model path that cannot be loaded, with what is wrong and how to fix it."""
 
 
-def _default_model() -> Path:
-    from .toymodel import default_model_path
+# the embedded model's weights, found by path: the core does not import the toy world's code
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "toyworld" / "model"
 
-    path = default_model_path()
+
+def _default_model() -> Path:
+    path = EMBEDDED_MODEL
     if not (path / "model_index.json").exists():
         raise ModelError(f"the embedded model is missing at {path}; reinstall prospect or pass --model")
     return path
