@@ -18,15 +18,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from prospect import Concept, InversionConfig, ProSpectPipeline, invert
 from prospect.toyworld import world
 from prospect.toyworld import benchmark as bm
+from prospect.toyworld import plots
+from prospect.distributed import seeded_images
 from prospect.outputs import make_grid
-from prospect.toyworld.reader import Reading, read_batch
+from prospect.toyworld.reader import read_batch
 
 METHODS = ("prospect", "ti", "caption")
 LABEL = {"prospect": "ProSpect", "prospect_chosen": "ProSpect, pilot-chosen split", "ti": "TI",
@@ -58,48 +58,6 @@ class BenchConfig:
     mix_split: int = 5  # mixing: A's tokens in stages >= mix_split (layout), B's below (material)
     chosen: tuple[tuple[str, int, int], ...] = ()  # (task, lo, hi): ProSpect splits chosen on a pilot run, reported
     # beside the a-priori ones; choose them on other references (another --seed), never on the reported ones
-
-
-@dataclass
-class Condition:
-    """One way of generating a task: a method and, for ProSpect, the stages that get '*'."""
-
-    method: str
-    task: bm.TransferTask
-    split: bm.Split | None = None
-
-    @property
-    def key(self) -> str:
-        tail = f"/{self.split[0]}-{self.split[1]}" if self.split else ""
-        return f"{self.method}/{self.task.name}{tail}"
-
-    def prompt(self, scene: world.Scene, text: dict[str, str]) -> str:
-        if self.method == "caption":
-            return bm.describe(bm.target(scene, self.task, text))
-        if self.method == "ti":
-            return bm.composed_prompt(self.task, text)
-        return bm.editing_prompt(bm.stage_texts(self.task, text, self.split))
-
-
-def chosen_split(cfg: BenchConfig, task: bm.TransferTask) -> bm.Split | None:
-    return next(((lo, hi) for name, lo, hi in cfg.chosen if name == task.name), None)
-
-
-def conditions(cfg: BenchConfig) -> list[Condition]:
-    out = []
-    for task in bm.TASKS:
-        extra = {chosen_split(cfg, task)} - {None}
-        out += [Condition("prospect", task, s) for s in sorted(set(bm.sweep_splits(task, cfg.sweep)) | extra)]
-        out += [Condition("ti", task), Condition("caption", task)]
-    return out
-
-
-def reference_scene(seed: int, r: int) -> world.Scene:
-    return world.random_scene(np.random.default_rng([seed, r]))
-
-
-def texts_of(scene: world.Scene, seed: int, r: int) -> dict[str, dict[str, str]]:
-    return {t.name: bm.text_attributes(scene, t, np.random.default_rng([seed, r, i])) for i, t in enumerate(bm.TASKS)}
 
 
 def image_seeds(cfg: BenchConfig, r: int) -> list[int]:
@@ -143,18 +101,14 @@ def in_every_stage(concept: Concept, placeholder: str, num_stages: int) -> Conce
 
 
 def generate(pp: ProSpectPipeline, prompts: list[str], seeds: list[int], cfg: BenchConfig) -> list[Image.Image]:
-    images = []
-    for i in range(0, len(prompts), BATCH):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + BATCH]]
-        images += pp(prompts[i:i + BATCH], generator=gens, num_inference_steps=cfg.num_inference_steps,
-                     guidance_scale=cfg.guidance_scale).images
-    return images
+    return seeded_images(pp, prompts, seeds, BATCH, num_inference_steps=cfg.num_inference_steps,
+                         guidance_scale=cfg.guidance_scale)
 
 
-def run_reference(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path], todo: list[Condition]) -> tuple[dict, dict]:
+def run_reference(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path], todo: list[bm.Condition]) -> tuple[dict, dict]:
     """Readings of every condition for reference r (cached per condition), and seconds spent."""
-    scene, cache = reference_scene(cfg.seed, r), dirs["readings"] / f"ref{r:03d}.json"
-    texts = texts_of(scene, cfg.seed, r)
+    scene, cache = bm.reference_scene(cfg.seed, r), dirs["readings"] / f"ref{r:03d}.json"
+    texts = bm.texts_of(scene, cfg.seed, r)
     readings = json.loads(cache.read_text()) if cache.exists() else {}
     missing = [c for c in todo if c.key not in readings]
     seconds = {"inversion": 0.0, "generation": 0.0}
@@ -194,104 +148,22 @@ def _example_grid(scene: world.Scene, examples, path: Path) -> None:
     make_grid(images, cols=cols, labels=labels, scale=4).save(path)
 
 
-MIX_SPLIT = 5  # mixing's a-priori split: A's tokens in stages >= 5 (layout, first half), B's below (material)
-MIX_FROM_A, MIX_FROM_B = ("position", "shape"), ("texture",)
-
-
-def mix_partner(cfg: BenchConfig, r: int) -> int:
-    """B for reference A = r: the next reference whose position, shape and texture all differ from A's."""
-    a = reference_scene(cfg.seed, r)
-    for j in range(1, cfg.references):
-        b = reference_scene(cfg.seed, (r + j) % cfg.references)
-        if all(getattr(a, x) != getattr(b, x) for x in MIX_FROM_A + MIX_FROM_B):
-            return (r + j) % cfg.references
-    return (r + 1) % cfg.references
-
-
-def mix_prompts(method: str, split: int = MIX_SPLIT, n: int = 10) -> str:
-    """Layout of <a> + texture of <b>: ProSpect switches tokens at ``split``; TI writes both in one prompt."""
-    if method == "ti":
-        return "a <b> <a>"  # what a TI user writes: <b> in the texture slot, <a> in the shape slot
-    return bm.editing_prompt(["<b>" if i < split else "<a>" for i in range(n)])
-
-
 def run_mix(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path]) -> dict:
     """Readings of 'layout of A + texture of B' (A = reference r, B = its partner), both methods, cached."""
-    tail = "" if cfg.mix_split == MIX_SPLIT else f"-k{cfg.mix_split}"
+    tail = "" if cfg.mix_split == bm.MIX_SPLIT else f"-k{cfg.mix_split}"
     cache = dirs["readings"] / f"mix{r:03d}{tail}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    b, seeds, readings = mix_partner(cfg, r), image_seeds(cfg, r), {}
+    b, seeds, readings = bm.mix_partner(cfg, r), image_seeds(cfg, r), {}
     for method, n in (("prospect", pp.num_stages), ("ti", 1)):
         for name, ref in (("<a>", r), ("<b>", b)):
-            c, _ = learn(pp, world.render_pil(reference_scene(cfg.seed, ref)), n,
+            c, _ = learn(pp, world.render_pil(bm.reference_scene(cfg.seed, ref)), n,
                          dirs["concepts"] / f"ref{ref:03d}-{method}.safetensors", cfg)
             pp.load_concept(in_every_stage(c, name, pp.num_stages))
-        images = generate(pp, [mix_prompts(method, cfg.mix_split)] * len(seeds), seeds, cfg)
+        images = generate(pp, [bm.mix_prompts(method, cfg.mix_split)] * len(seeds), seeds, cfg)
         readings[method] = [g.as_dict() for g in read_batch(images)]
     cache.write_text(json.dumps(dict(partner=b, **readings)))
     return readings
-
-
-def score_mix(mix: list[dict], cfg: BenchConfig) -> dict:
-    """Success (A's position and shape, B's texture) per method, with ProSpect - TI paired over references."""
-    out, arrays = {}, {}
-    for method in ("prospect", "ti"):
-        rows, attrs = [], {a: [] for a in MIX_FROM_A + MIX_FROM_B}
-        for r, readings in enumerate(mix):
-            a, b = reference_scene(cfg.seed, r), reference_scene(cfg.seed, mix_partner(cfg, r))
-            wanted = {**{x: getattr(a, x) for x in MIX_FROM_A}, **{x: getattr(b, x) for x in MIX_FROM_B}}
-            got = [bm.hits(Reading(**d), wanted) for d in readings[method]]
-            rows.append([all(h.values()) for h in got])
-            for x in attrs:
-                attrs[x].append([h[x] for h in got])
-        arrays[method] = np.asarray(rows, dtype=bool)
-        out[method] = dict(success=asdict(bm.rate(arrays[method], cfg.n_boot, cfg.seed)),
-                           attributes={x: float(np.mean(v)) for x, v in attrs.items()})
-    out["difference"] = asdict(bm.paired_difference(arrays["prospect"], arrays["ti"], cfg.n_boot, cfg.seed))
-    return out
-
-
-def score(all_readings: list[dict], cfg: BenchConfig, todo: list[Condition]) -> dict[str, dict[str, np.ndarray]]:
-    """Per condition: [references, images] arrays of success and of each scored attribute."""
-    out = {}
-    for c in todo:
-        arrays = {"success": [], **{a: [] for a in c.task.from_reference + c.task.from_text}}
-        for r, readings in enumerate(all_readings):
-            scene = reference_scene(cfg.seed, r)
-            wanted = bm.target(scene, c.task, texts_of(scene, cfg.seed, r)[c.task.name])
-            rows = [bm.hits(Reading(**d), wanted) for d in readings[c.key]]
-            arrays["success"].append([all(h.values()) for h in rows])
-            for a in wanted:
-                arrays[a].append([h[a] for h in rows])
-        out[c.key] = {k: np.asarray(v, dtype=bool) for k, v in arrays.items()}
-    return out
-
-
-def summarise(scores: dict, cfg: BenchConfig, todo: list[Condition]) -> dict:
-    """Rates with intervals, ProSpect - TI differences, the split sweep and the attribute ceiling."""
-    by = {c.key: c for c in todo}
-    main, diffs, sweep = {}, {}, {}
-    for task in bm.TASKS:
-        keys = {"prospect": Condition("prospect", task, task.default_split).key,
-                "ti": Condition("ti", task).key, "caption": Condition("caption", task).key}
-        if chosen_split(cfg, task) not in (None, task.default_split):
-            keys["prospect_chosen"] = Condition("prospect", task, chosen_split(cfg, task)).key
-        main[task.name] = {m: dict(success=asdict(bm.rate(scores[k]["success"], cfg.n_boot, cfg.seed)),
-                                   attributes={a: float(v.mean()) for a, v in scores[k].items() if a != "success"})
-                           for m, k in keys.items()}
-        diffs[task.name] = asdict(bm.paired_difference(scores[keys["prospect"]]["success"], scores[keys["ti"]]["success"],
-                                                       cfg.n_boot, cfg.seed))
-        if "prospect_chosen" in keys:
-            diffs[task.name + " (chosen split)"] = asdict(bm.paired_difference(
-                scores[keys["prospect_chosen"]]["success"], scores[keys["ti"]]["success"], cfg.n_boot, cfg.seed))
-        sweep[task.name] = [dict(split=list(by[k].split), default=by[k].split == task.default_split,
-                                 success=float(s["success"].mean()),
-                                 from_reference=float(np.mean([s[a] for a in task.from_reference])),
-                                 from_text=float(np.mean([s[a] for a in task.from_text])) if task.from_text else None)
-                            for k, s in scores.items() if k.startswith(f"prospect/{task.name}/")]
-    ceiling = {a: float(v.mean()) for a, v in scores["caption/reconstruction"].items() if a != "success"}
-    return dict(main=main, differences=diffs, sweep=sweep, ceiling=ceiling)
 
 
 def _ci(lo_hi) -> str:
@@ -345,40 +217,23 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
 
 
 def plot_sweep(summary: dict, path: Path) -> None:
-    """One panel per transfer task: success, reference and text attribute rates against the split."""
-    pw, ph, m = 300, 260, 40
-    tasks = ["texture", "layout", "colour"]
-    img = Image.new("RGB", (pw * len(tasks), ph + 40), "white")
-    d, font = ImageDraw.Draw(img), ImageFont.load_default()
-    series = (("success", (0, 0, 0)), ("from_reference", (40, 80, 220)), ("from_text", (230, 120, 0)))
-    for i, task in enumerate(tasks):
-        rows, ox = summary["sweep"][task], i * pw
+    """One panel per transfer task: success, reference and text attribute rates against the split, with TI's and
+    the caption ceiling's success as dashed levels."""
+    panels = []
+    for task in ("texture", "layout", "colour"):
+        rows = summary["sweep"][task]
         xs = [(r["split"][1] if task == "texture" else r["split"][0]) for r in rows]
-        x = lambda k: ox + m + (pw - 2 * m) * k / 10  # noqa: E731
-        y = lambda v: ph - m - (ph - 2 * m) * v  # noqa: E731
-        d.rectangle([x(0), y(1), x(10), y(0)], outline="black")
-        for k in range(0, 11, 2):
-            d.text((x(k) - 3, y(0) + 4), str(k), fill="black", font=font)
-        d.text((x(5) - 3, y(0) + 16), "k", fill="black", font=font)
-        for v in (0, 0.5, 1):
-            d.text((ox + 8, y(v) - 6), f"{v:.1f}", fill="black", font=font)
-        for name, colour in (("ti", (200, 0, 0)), ("caption", (150, 150, 150))):
-            v = summary["main"][task][name]["success"]["rate"]
-            for k in np.arange(0, 10, 0.5):
-                d.line([(x(k), y(v)), (x(k + 0.25), y(v))], fill=colour, width=2)
-        dk = next(xk for xk, r in zip(xs, rows) if r["default"])
-        d.line([(x(dk), y(0)), (x(dk), y(1))], fill=(180, 180, 180))
-        for name, colour in series:
-            pts = [(x(xk), y(r[name])) for xk, r in zip(xs, rows)]
-            if len(pts) > 1:
-                d.line(pts, fill=colour, width=3 if name == "success" else 1)
-            for p in pts:
-                d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
+        level = lambda name: [summary["main"][task][name]["success"]["rate"]] * 2  # noqa: E731
+        series = [plots.Series("success", xs, [r["success"] for r in rows], "black", width=2.5),
+                  plots.Series("reference attrs", xs, [r["from_reference"] for r in rows], "tab:blue"),
+                  plots.Series("text attrs", xs, [r["from_text"] for r in rows], "tab:orange"),
+                  plots.Series("TI success", [0, 10], level("ti"), "tab:red", "--"),
+                  plots.Series("caption ceiling", [0, 10], level("caption"), "0.6", "--")]
         what = {"texture": "'*' in stages < k", "layout": "'*' in stages >= k", "colour": "'*' in [k, k+4)"}[task]
-        d.text((ox + m, 8), f"{task}: {what}", fill="black", font=font)
-    legend = "black: success  blue: reference attrs  orange: text attrs  red dashes: TI  grey dashes: caption ceiling"
-    d.text((8, ph + 20), legend, fill="black", font=font)
-    img.save(path)
+        default = next(x for x, r in zip(xs, rows) if r["default"])
+        panels.append(plots.Panel(f"{task}: {what}", "k", series, ylabel="rate" if not panels else "",
+                                  xticks=range(0, 11, 2), marks=[default]))
+    plots.line_panels(panels, path)
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -396,18 +251,18 @@ def run(cfg: BenchConfig) -> dict:
     dirs = {"out": cfg.out, "concepts": cfg.out / "concepts" / inv_key, "readings": cfg.out / "readings" / gen_key}
     for p in dirs.values():
         p.mkdir(parents=True, exist_ok=True)
-    todo = conditions(cfg)
+    todo = bm.conditions(cfg)
     all_readings, seconds = [], {"inversion": 0.0, "generation": 0.0}
     for r in range(cfg.references):
         readings, spent = run_reference(pp, r, cfg, dirs, todo)
         all_readings.append(readings)
         seconds = {k: seconds[k] + spent[k] for k in seconds}
-        print(f"reference {r + 1}/{cfg.references}: {reference_scene(cfg.seed, r)} "
+        print(f"reference {r + 1}/{cfg.references}: {bm.reference_scene(cfg.seed, r)} "
               f"({spent['inversion']:.0f} s inversion, {spent['generation']:.0f} s generation)", flush=True)
-    summary = summarise(score(all_readings, cfg, todo), cfg, todo)
+    summary = bm.summarise(bm.score(all_readings, cfg, todo), cfg, todo)
     if cfg.references > 1:
         start_mix = time.time()
-        summary["mix"] = score_mix([run_mix(pp, r, cfg, dirs) for r in range(cfg.references)], cfg)
+        summary["mix"] = bm.score_mix([run_mix(pp, r, cfg, dirs) for r in range(cfg.references)], cfg)
         seconds["generation"] += time.time() - start_mix
     seconds["total"] = time.time() - start
     table = markdown(summary, cfg, cfg.references)
@@ -415,8 +270,8 @@ def run(cfg: BenchConfig) -> dict:
     plot_sweep(summary, cfg.out / "sweep.png")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     result = dict(settings=settings, cache_keys=dict(inversion=inv_key, generation=gen_key), seconds=seconds,
-                  references=[asdict(reference_scene(cfg.seed, r)) for r in range(cfg.references)],
-                  texts=[texts_of(reference_scene(cfg.seed, r), cfg.seed, r) for r in range(cfg.references)], **summary)
+                  references=[asdict(bm.reference_scene(cfg.seed, r)) for r in range(cfg.references)],
+                  texts=[bm.texts_of(bm.reference_scene(cfg.seed, r), cfg.seed, r) for r in range(cfg.references)], **summary)
     (cfg.out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(table)
     print(f"time this run: {seconds['inversion']:.0f} s inversion, {seconds['generation']:.0f} s generation, "

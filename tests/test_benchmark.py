@@ -186,22 +186,21 @@ def _script():
 
 
 def test_mixing_two_concepts_switches_placeholders_at_the_split_and_scores_a_and_b():
-    ns = _script()
-    cfg = ns["BenchConfig"](references=6, seed=1)
-    assert resolve_editing(ns["mix_prompts"]("prospect"), 10) == ["<b>"] * 5 + ["<a>"] * 5
-    assert ns["mix_prompts"]("ti") == "a <b> <a>"
+    cfg = _script()["BenchConfig"](references=6, seed=1)
+    assert resolve_editing(bm.mix_prompts("prospect"), 10) == ["<b>"] * 5 + ["<a>"] * 5
+    assert bm.mix_prompts("ti") == "a <b> <a>"
     unlike = lambda a, b: all(getattr(a, x) != getattr(b, x) for x in ("position", "shape", "texture"))  # noqa: E731
-    scenes = [ns["reference_scene"](1, j) for j in range(6)]
+    scenes = [bm.reference_scene(1, j) for j in range(6)]
     for r in range(6):
-        partner = ns["mix_partner"](cfg, r)
+        partner = bm.mix_partner(cfg, r)
         assert partner != r
         if any(unlike(scenes[r], scenes[j]) for j in range(6)):
             assert unlike(scenes[r], scenes[partner])
     # score_mix on clean renders: an image with A's layout and B's texture succeeds, a copy of A or B fails
-    a, b = ns["reference_scene"](1, 0), ns["reference_scene"](1, ns["mix_partner"](cfg, 0))
+    a, b = bm.reference_scene(1, 0), bm.reference_scene(1, bm.mix_partner(cfg, 0))
     mixed = a.with_(texture=b.texture)
     readings = [{"prospect": [read(world.render_pil(mixed)).as_dict()] * 2,
                  "ti": [read(world.render_pil(a)).as_dict(), read(world.render_pil(b)).as_dict()]}]
-    out = ns["score_mix"](readings, cfg)
+    out = bm.score_mix(readings, cfg)
     assert out["prospect"]["success"]["rate"] == 1.0 and out["ti"]["success"]["rate"] == 0.0
     assert out["difference"]["mean"] == 1.0

@@ -189,15 +189,16 @@ def test_shard_is_round_robin_and_covers_every_item():
 def test_generate_share_gives_each_image_its_own_seed():
     calls = []
 
-    def pipe(num_images_per_prompt, generator, **call):
+    def pipe(prompts, generator, **call):
         calls.append([g.initial_seed() for g in generator])
-        assert len(generator) == num_images_per_prompt and call == {"prompt": "x"}
-        return num_images_per_prompt
+        assert len(generator) == len(prompts) and prompts == ["x"] * len(prompts) and call == {"guidance_scale": 2.0}
+        return len(prompts)
 
     class State:
         process_index, num_processes = 1, 2
 
-    assert [first for first, _ in generate_share(pipe, 7, 10, State(), batch_size=2, prompt="x")] == [2, 6]
+    assert [first for first, _ in generate_share(pipe, 7, 10, State(), batch_size=2, prompt="x",
+                                                              guidance_scale=2.0)] == [2, 6]
     assert calls == [[12, 13], [16]]
 
 

@@ -47,19 +47,37 @@ def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]
     return [torch.Generator(device="cpu").manual_seed(seed + k) for k in indices]
 
 
-def generate_share(pp, num_images: int, seed: int, state=None, batch_size: int = 1, **call) -> Iterator[tuple[int, GenerationResult]]:
-    """This process's part of a ``num_images`` run: (first index, result) per call of ``batch_size`` images.
+def seeded_calls(pp, prompts: Sequence[str], seeds: Sequence[int], batch_size: int = 1, state=None,
+                 **call) -> Iterator[tuple[int, GenerationResult]]:
+    """Image i is ``prompts[i]`` drawn from its own generator seeded ``seeds[i]``: (first index, result) per call
+    of ``batch_size`` consecutive images, call c on process c % world (this process's calls only).
 
-    The calls are the same whatever the number of processes (call c makes images
-    c*batch_size ... with their own generators) and call c runs on process c % world, so every
-    image equals the one a single process makes. ``call`` takes the pipeline's other arguments.
+    Every image is the same whatever the batching and the number of processes. ``call`` takes the
+    pipeline's other arguments. The one batched, seeded generation of the project: the CLI, the benchmark
+    and the embedded model's measurements all use it.
     """
-    if num_images < 1 or batch_size < 1:
-        raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if not prompts or batch_size < 1:
+        raise ValueError(f"give at least one prompt and a batch_size >= 1, got {len(prompts)} and {batch_size}")
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    calls = [range(k, min(k + batch_size, num_images)) for k in range(0, num_images, batch_size)]
+    calls = [range(k, min(k + batch_size, len(prompts))) for k in range(0, len(prompts), batch_size)]
     for ks in shard(calls, rank, world):
-        yield ks[0], pp(num_images_per_prompt=len(ks), generator=image_generators(seed, ks), **call)
+        gens = [torch.Generator(device="cpu").manual_seed(int(seeds[k])) for k in ks]
+        yield ks[0], pp([prompts[k] for k in ks], generator=gens, **call)
+
+
+def seeded_images(pp, prompts: Sequence[str], seeds: Sequence[int], batch_size: int = 50, **call) -> list:
+    """All images of :func:`seeded_calls` in this process, in order."""
+    return [im for _, result in seeded_calls(pp, prompts, seeds, batch_size, **call) for im in result.images]
+
+
+def generate_share(pp, num_images: int, seed: int, state=None, batch_size: int = 1, prompt: str = "*",
+                   **call) -> Iterator[tuple[int, GenerationResult]]:
+    """This process's part of a ``num_images`` run of one prompt: image k draws from seed + k."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    return seeded_calls(pp, [prompt] * num_images, range(seed, seed + num_images), batch_size, state, **call)
 
 
 class Solo:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -233,3 +233,135 @@ def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> Difference:
     d = da - db
     lo, hi = bootstrap(d[:, None], n_boot, seed)
     return Difference(float(d.mean()), lo, hi, len(d))
+
+
+# Scoring a run: ``cfg`` is the run's settings (``bench/transfer.py``'s BenchConfig): its seed, references,
+# n_boot, sweep, chosen and mix_split are read here.
+
+
+@dataclass
+class Condition:
+    """One way of generating a task: a method and, for ProSpect, the stages that get '*'."""
+
+    method: str
+    task: TransferTask
+    split: Split | None = None
+
+    @property
+    def key(self) -> str:
+        tail = f"/{self.split[0]}-{self.split[1]}" if self.split else ""
+        return f"{self.method}/{self.task.name}{tail}"
+
+    def prompt(self, scene: world.Scene, text: dict[str, str]) -> str:
+        if self.method == "caption":
+            return describe(target(scene, self.task, text))
+        if self.method == "ti":
+            return composed_prompt(self.task, text)
+        return editing_prompt(stage_texts(self.task, text, self.split))
+
+
+def chosen_split(cfg, task: TransferTask) -> Split | None:
+    return next(((lo, hi) for name, lo, hi in cfg.chosen if name == task.name), None)
+
+
+def conditions(cfg) -> list[Condition]:
+    out = []
+    for task in TASKS:
+        extra = {chosen_split(cfg, task)} - {None}
+        out += [Condition("prospect", task, s) for s in sorted(set(sweep_splits(task, cfg.sweep)) | extra)]
+        out += [Condition("ti", task), Condition("caption", task)]
+    return out
+
+
+def reference_scene(seed: int, r: int) -> world.Scene:
+    return world.random_scene(np.random.default_rng([seed, r]))
+
+
+def texts_of(scene: world.Scene, seed: int, r: int) -> dict[str, dict[str, str]]:
+    return {t.name: text_attributes(scene, t, np.random.default_rng([seed, r, i])) for i, t in enumerate(TASKS)}
+
+
+
+MIX_SPLIT = 5  # mixing's a-priori split: A's tokens in stages >= 5 (layout, first half), B's below (material)
+MIX_FROM_A, MIX_FROM_B = ("position", "shape"), ("texture",)
+
+
+def mix_partner(cfg, r: int) -> int:
+    """B for reference A = r: the next reference whose position, shape and texture all differ from A's."""
+    a = reference_scene(cfg.seed, r)
+    for j in range(1, cfg.references):
+        b = reference_scene(cfg.seed, (r + j) % cfg.references)
+        if all(getattr(a, x) != getattr(b, x) for x in MIX_FROM_A + MIX_FROM_B):
+            return (r + j) % cfg.references
+    return (r + 1) % cfg.references
+
+
+def mix_prompts(method: str, split: int = MIX_SPLIT, n: int = 10) -> str:
+    """Layout of <a> + texture of <b>: ProSpect switches tokens at ``split``; TI writes both in one prompt."""
+    if method == "ti":
+        return "a <b> <a>"  # what a TI user writes: <b> in the texture slot, <a> in the shape slot
+    return editing_prompt(["<b>" if i < split else "<a>" for i in range(n)])
+
+
+
+def score_mix(mix: list[dict], cfg) -> dict:
+    """Success (A's position and shape, B's texture) per method, with ProSpect - TI paired over references."""
+    out, arrays = {}, {}
+    for method in ("prospect", "ti"):
+        rows, attrs = [], {a: [] for a in MIX_FROM_A + MIX_FROM_B}
+        for r, readings in enumerate(mix):
+            a, b = reference_scene(cfg.seed, r), reference_scene(cfg.seed, mix_partner(cfg, r))
+            wanted = {**{x: getattr(a, x) for x in MIX_FROM_A}, **{x: getattr(b, x) for x in MIX_FROM_B}}
+            got = [hits(Reading(**d), wanted) for d in readings[method]]
+            rows.append([all(h.values()) for h in got])
+            for x in attrs:
+                attrs[x].append([h[x] for h in got])
+        arrays[method] = np.asarray(rows, dtype=bool)
+        out[method] = dict(success=asdict(rate(arrays[method], cfg.n_boot, cfg.seed)),
+                           attributes={x: float(np.mean(v)) for x, v in attrs.items()})
+    out["difference"] = asdict(paired_difference(arrays["prospect"], arrays["ti"], cfg.n_boot, cfg.seed))
+    return out
+
+
+def score(all_readings: list[dict], cfg, todo: list[Condition]) -> dict[str, dict[str, np.ndarray]]:
+    """Per condition: [references, images] arrays of success and of each scored attribute."""
+    out = {}
+    for c in todo:
+        arrays = {"success": [], **{a: [] for a in c.task.from_reference + c.task.from_text}}
+        for r, readings in enumerate(all_readings):
+            scene = reference_scene(cfg.seed, r)
+            wanted = target(scene, c.task, texts_of(scene, cfg.seed, r)[c.task.name])
+            rows = [hits(Reading(**d), wanted) for d in readings[c.key]]
+            arrays["success"].append([all(h.values()) for h in rows])
+            for a in wanted:
+                arrays[a].append([h[a] for h in rows])
+        out[c.key] = {k: np.asarray(v, dtype=bool) for k, v in arrays.items()}
+    return out
+
+
+def summarise(scores: dict, cfg, todo: list[Condition]) -> dict:
+    """Rates with intervals, ProSpect - TI differences, the split sweep and the attribute ceiling."""
+    by = {c.key: c for c in todo}
+    main, diffs, sweep = {}, {}, {}
+    for task in TASKS:
+        keys = {"prospect": Condition("prospect", task, task.default_split).key,
+                "ti": Condition("ti", task).key, "caption": Condition("caption", task).key}
+        if chosen_split(cfg, task) not in (None, task.default_split):
+            keys["prospect_chosen"] = Condition("prospect", task, chosen_split(cfg, task)).key
+        main[task.name] = {m: dict(success=asdict(rate(scores[k]["success"], cfg.n_boot, cfg.seed)),
+                                   attributes={a: float(v.mean()) for a, v in scores[k].items() if a != "success"})
+                           for m, k in keys.items()}
+        diffs[task.name] = asdict(paired_difference(scores[keys["prospect"]]["success"], scores[keys["ti"]]["success"],
+                                                       cfg.n_boot, cfg.seed))
+        if "prospect_chosen" in keys:
+            diffs[task.name + " (chosen split)"] = asdict(paired_difference(
+                scores[keys["prospect_chosen"]]["success"], scores[keys["ti"]]["success"], cfg.n_boot, cfg.seed))
+        sweep[task.name] = [dict(split=list(by[k].split), default=by[k].split == task.default_split,
+                                 success=float(s["success"].mean()),
+                                 from_reference=float(np.mean([s[a] for a in task.from_reference])),
+                                 from_text=float(np.mean([s[a] for a in task.from_text])) if task.from_text else None)
+                            for k, s in scores.items() if k.startswith(f"prospect/{task.name}/")]
+    ceiling = {a: float(v.mean()) for a, v in scores["caption/reconstruction"].items() if a != "success"}
+    return dict(main=main, differences=diffs, sweep=sweep, ceiling=ceiling)
+
+

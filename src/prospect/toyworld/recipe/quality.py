@@ -17,26 +17,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from .. import world
 from ...files import atomic_write
+from ...distributed import seeded_images
 from ...pipeline import ProSpectPipeline
+from .. import plots
 from ..reader import read
 
-COLOURS = {"position": (220, 40, 40), "shape": (40, 140, 60), "colour": (40, 80, 220), "texture": (200, 150, 0),
-           "background": (120, 120, 120)}
+COLOURS = {"position": "tab:red", "shape": "tab:green", "colour": "tab:blue", "texture": "goldenrod",
+           "background": "0.5"}
 READABLE_FIT = 0.5  # template IoU of a readable object (clean renders 1.0; broken images seen 0.04-0.22)
 
 
 def _generate(pp: ProSpectPipeline, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 50):
     """One image per prompt, seeds seed, seed+1, ... so results do not depend on batching."""
-    images = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        images += pp(chunk, generator=gens, num_inference_steps=steps, guidance_scale=guidance).images
-    return images
+    return seeded_images(pp, prompts, range(seed, seed + len(prompts)), batch, num_inference_steps=steps,
+                         guidance_scale=guidance)
 
 
 def generation_accuracy(pp: ProSpectPipeline, n: int = 200, seed: int = 0, steps: int = 50,
@@ -109,29 +106,13 @@ def decided_at(curve: list[float]) -> float:
 
 
 def plot_spectrum(follows: dict[str, list[float]], readable: list[float], path: Path) -> None:
-    """A line chart: x = switch stage k, y = fraction following A, dots = readable share (PIL, no matplotlib)."""
-    w, h, m = 640, 360, 48
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    n = len(next(iter(follows.values()))) - 1
-    x = lambda k: m + (w - 2 * m) * k / n  # noqa: E731
-    y = lambda v: h - m - (h - 2 * m) * v  # noqa: E731
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    for k in range(n + 1):
-        d.text((x(k) - 3, h - m + 6), str(k), fill="black", font=font)
-    for v in (0, 0.5, 1):
-        d.text((m - 24, y(v) - 6), f"{v:.1f}", fill="black", font=font)
-    d.text((m, h - 18), "k: caption A in stages >= k (generation start), B in stages < k", fill="black", font=font)
-    d.text((m, 12), "fraction of images following A", fill="black", font=font)
-    for i, (attr, curve) in enumerate(follows.items()):
-        pts = [(x(k), y(v)) for k, v in enumerate(curve)]
-        d.line(pts, fill=COLOURS[attr], width=3)
-        d.text((w - m - 90, m + 8 + 14 * i), attr, fill=COLOURS[attr], font=font)
-    for k, v in enumerate(readable):  # black dots: the share of images that show a readable object
-        d.ellipse([x(k) - 3, y(v) - 3, x(k) + 3, y(v) + 3], fill="black")
-    d.text((w - m - 90, m + 8 + 14 * len(follows)), "readable (dots)", fill="black", font=font)
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    """x = switch stage k, y = fraction of images following caption A; dots = the readable share."""
+    ks = list(range(len(readable)))
+    series = [plots.Series(attr, ks, curve, COLOURS[attr], "-", width=2.5) for attr, curve in follows.items()]
+    series.append(plots.Series("readable", ks, readable, "black", "o"))
+    panel = plots.Panel("caption A in stages >= k (generation start), B in stages < k", "k", series,
+                        ylabel="fraction of images following A", xticks=ks)
+    plots.line_panels([panel], path, width=6.4, height=3.6)
 
 
 def main(argv: list[str] | None = None) -> None:
