@@ -180,3 +180,22 @@ def test_concept_records_a_model_name_and_fingerprint_not_a_path(trained, tiny_m
     assert concept.base_model_fingerprint.startswith("sha256:") and len(concept.base_model_fingerprint) == 23
     assert main(["info", str(trained)]) == 0
     assert f"base model {tiny_model_dir.name!r} ({concept.base_model_fingerprint})" in capsys.readouterr().out
+
+
+def test_flags_and_defaults_derive_from_the_config_dataclasses():
+    """No default is restated by the CLI: parsing no options gives the dataclasses' own defaults, and each
+    field's flag sets that field."""
+    from prospect.cli import build_parser, config_from
+    from prospect.inversion import InversionConfig
+    from prospect.pipeline import GenerationConfig
+
+    parser = build_parser()
+    assert config_from(InversionConfig, parser.parse_args(["train", "x", "--out", "y.safetensors"])) == InversionConfig()
+    assert config_from(GenerationConfig, parser.parse_args(["generate"])) == GenerationConfig()
+    args = parser.parse_args(["train", "x", "--out", "y.safetensors", "--init-word", "cat", "--stages", "4",
+                              "--template", "a {}", "--template", "the {}", "--no-stratified", "--lr", "0.01"])
+    assert config_from(InversionConfig, args) == InversionConfig(initializer="cat", num_stages=4,
+                                                                 templates=("a {}", "the {}"), stratified=False, lr=0.01)
+    args = parser.parse_args(["generate", "--steps", "7", "--eta", "0.5", "--negative-prompt", "blurry"])
+    assert config_from(GenerationConfig, args) == GenerationConfig(num_inference_steps=7, eta=0.5,
+                                                                   negative_prompt="blurry")

@@ -113,7 +113,7 @@ FLAGS = [  # (base command line, flag, kind)
     (GENERATE, "--steps", "count"), (GENERATE, "--guidance-scale", "guidance"), (GENERATE, "--seed", "seed"),
     (GENERATE, "--height", "size"), (GENERATE, "--width", "size"), (GENERATE, "--num-images", "count"),
     (GENERATE, "--batch-size", "count"), (IMG2IMG, "--strength", "prob"), (GENERATE, "--scheduler", "choice"),
-    (GENERATE, "--dtype", "choice"), (GENERATE, "--device", "device"),
+    (GENERATE, "--dtype", "choice"), (GENERATE, "--device", "device"), (GENERATE, "--eta", "rate"),
     (VISUALIZE, "--scale", "count"), (VISUALIZE, "--steps", "count"), (VISUALIZE, "--guidance-scale", "guidance"),
     (VISUALIZE, "--seed", "seed"), (VISUALIZE, "--height", "size"), (VISUALIZE, "--width", "size"),
     (VISUALIZE, "--scheduler", "choice"), (VISUALIZE, "--dtype", "choice"), (VISUALIZE, "--device", "device"),

@@ -292,7 +292,7 @@ def _setting_cases():
         ("height 30", gen + ["--height", "30"], ["height must be a positive multiple of 8 up to 8192, got 30"]),
         ("width 13", gen + ["--width", "13"], ["width must be a positive multiple of 8 up to 8192, got 13"]),
         ("generate --steps 0", gen[:4] + ["0"] + gen[5:], ["num_inference_steps must be an int >= 1", "got 0"]),
-        ("--num-images 0", gen + ["--num-images", "0"], ["num_images_per_prompt must be an integer in [1, 10000]"]),
+        ("--num-images 0", gen + ["--num-images", "0"], ["--num-images must be in [1, 10000]"]),
         ("--guidance-scale nan", gen + ["--guidance-scale", "nan"], ["guidance_scale must be in [0, 100.0]"]),
         ("unknown scheduler", gen + ["--scheduler", "bogus"], ["unknown scheduler 'bogus'"]),
         ("--word and --prospect-words", gen + ["--word", "a", "--prospect-words", "{refs}/w.json"], ["not both"]),

@@ -27,6 +27,54 @@ class _Parser(argparse.ArgumentParser):
 DEFAULT_MODEL_HELP = "a diffusers folder or a .ckpt/.safetensors file (default: the embedded toy-world model)"
 
 
+def _flag(f) -> str | None:
+    """A config field's flag: its metadata's ``flag`` (None = no flag), else --field-name."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _dest(f) -> str:
+    return _flag(f).lstrip("-").replace("-", "_")
+
+
+def config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of the config dataclass ``cls``: its type, default, choices and help come from the field,
+    so the CLI never restates a default."""
+    import typing
+    from dataclasses import MISSING, fields
+
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if _flag(f) is None or f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        shown = "" if default is None else f" (default {', '.join(map(repr, default)) if isinstance(default, tuple) else default})"
+        text = f.metadata.get("help", "") + shown
+        if f.metadata.get("invert"):  # --no-X sets the field False
+            p.add_argument(_flag(f), action="store_true", help=f.metadata.get("help"))
+        elif f.metadata.get("action") == "append":
+            p.add_argument(_flag(f), action="append", default=None, help=text)
+        else:
+            kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+            p.add_argument(_flag(f), type=kind, default=default, choices=f.metadata.get("choices"), help=text)
+
+
+def config_from(cls, args: argparse.Namespace, **given):
+    """The config dataclass ``cls`` from the parsed flags that ``config_flags`` added (and ``given`` values)."""
+    from dataclasses import fields
+
+    values = {}
+    for f in fields(cls):
+        if f.name in given or _flag(f) is None or not hasattr(args, _dest(f)):
+            continue
+        value = getattr(args, _dest(f))
+        if f.metadata.get("invert"):
+            value = not value
+        elif f.metadata.get("action") == "append":
+            value = tuple(value) if value else f.default
+        values[f.name] = value
+    return cls(**values, **given)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
     p.add_argument("--model-config", default=None, help="config folder for a single-file model (default: shipped SD 1.x/2.x)")
@@ -35,43 +83,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: float32 on CPU, float16 on GPU)")
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+def _sampling_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    from .pipeline import GenerationConfig  # the defaults live in the config dataclass, not here
+
+    config_flags(p, GenerationConfig, skip)
     p.add_argument("--scheduler", default="ddim", help="ddim, ddpm, pndm, lms, euler, euler_a, heun, dpm++, unipc")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from .inversion import InversionConfig as C  # the defaults live in the config dataclass, not here
+    from .inversion import InversionConfig  # the defaults live in the config dataclass, not here
 
-    p.add_argument("--placeholder", default=C.placeholder, help=f"the word prompts use for the concept (default {C.placeholder})")
-    p.add_argument("--init-word", default=C.initializer, help=f"initializer word(s) (default {C.initializer!r}; "
-                   "as many words as --vectors-per-stage start one vector each)")
-    p.add_argument("--stages", type=int, default=C.num_stages, help=f"number of stages N (default {C.num_stages})")
-    p.add_argument("--vectors-per-stage", type=int, default=C.vectors_per_stage,
-                   help=f"prompt tokens each stage's token stands for (default {C.vectors_per_stage})")
-    p.add_argument("--parameterization", choices=("free", "shared"), default=C.parameterization,
-                   help=f"free: N independent stage tokens; shared: a token shared by all stages plus a per-stage "
-                        f"difference (default {C.parameterization})")
-    p.add_argument("--steps", type=int, default=C.steps, help=f"optimisation steps (default {C.steps})")
-    p.add_argument("--lr", type=float, default=C.lr, help=f"learning rate (default {C.lr})")
-    p.add_argument("--batch-size", type=int, default=C.batch_size,
-                   help=f"samples per step (default {C.batch_size}; train: over all processes)")
-    p.add_argument("--resolution", type=int, default=None, help="training size (default: the model's)")
-    p.add_argument("--crop", choices=("center", "none"), default=C.crop)
-    p.add_argument("--flip-p", type=float, default=C.flip_p,
-                   help=f"probability of a horizontal flip (default {C.flip_p}: a flip mirrors the layout, which is an "
-                        "attribute; 0.5 as the official code for symmetric subjects)")
-    p.add_argument("--template", action="append", default=None, help="caption template with {} (repeatable; default '{}')")
-    p.add_argument("--no-stratified", action="store_true", help="draw stages at random instead of covering all")
-    p.add_argument("--seed", type=int, default=C.seed)
-    p.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every)
+    config_flags(p, InversionConfig)
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.safetensors if present")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=C.mixed_precision)
-    p.add_argument("--validation-every", type=int, default=C.validation_every, help="write a validation image every K steps (0 = never)")
     p.add_argument("--validation-prompt", default="*", help="prompt of the validation images (default '*')")
 
 
@@ -99,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="*", help="prompt; '*' takes the prospect words or the learned token")
     g.add_argument("--prospect-words", default=None, help="JSON/YAML file with N entries (index 0 = generation ends)")
     g.add_argument("--word", action="append", default=None, help="one prospect_words entry (repeat N times; an int = that stage's token)")
-    g.add_argument("--negative-prompt", default=None)
     g.add_argument("--image", default=None, help="input image for img2img")
-    g.add_argument("--strength", type=float, default=0.6, help="img2img strength in [0, 1]")
     g.add_argument("--num-images", type=int, default=1, help="image k uses seed + k (default 1)")
     g.add_argument("--batch-size", type=int, default=1,
                    help="images per pipeline call (default 1); the images do not depend on the number of processes")
@@ -113,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--concept", required=True)
     v.add_argument("--out", default="prospect-out", help="output folder")
     v.add_argument("--scale", type=int, default=1, help="upscale factor of the grid (nearest)")
-    _sampling_args(v)
+    _sampling_args(v, skip=("strength", "negative_prompt", "eta"))
 
     e = sub.add_parser("export", help="write a concept for other tools")
     e.add_argument("concept")
@@ -206,15 +228,7 @@ def _train_job(args):
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the concept file to write, e.g. {out / 'concept.safetensors'}")
     check_output_folder(out.parent)
-    cfg = InversionConfig(
-        placeholder=args.placeholder, initializer=args.init_word, num_stages=args.stages,
-        vectors_per_stage=args.vectors_per_stage, parameterization=args.parameterization, flip_p=args.flip_p,
-        steps=args.steps,
-        lr=args.lr, batch_size=args.batch_size, resolution=args.resolution, crop=args.crop,
-        templates=tuple(args.template or ("{}",)), stratified=not args.no_stratified, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
-        validation_every=args.validation_every,
-    )
+    cfg = config_from(InversionConfig, args)
     check_config(cfg)
     return images, out, cfg
 
@@ -323,7 +337,7 @@ def cmd_generate(args) -> None:
     from .files import check_output_folder
     from .loading import SCHEDULERS
     from .outputs import ensure_dir, make_grid, save_png
-    from .pipeline import ProSpectPipeline
+    from .pipeline import MAX_IMAGES, GenerationConfig
     from .spectrum import SpectrumError, build_spectrum
 
     words = _words(args)
@@ -336,10 +350,10 @@ def cmd_generate(args) -> None:
     except SpectrumError as err:
         raise SpectrumError(f"{args.prospect_words}: {err}" if args.prospect_words else err) from None
     image = open_image(args.image) if args.image else None
-    ProSpectPipeline.check_arguments(image, args.strength, args.height, args.width, args.steps,
-                                     args.guidance_scale, args.num_images)
-    if image is not None and int(args.steps * args.strength) < 1:  # as diffusers' img2img counts its steps
-        raise ValueError(f"--strength {args.strength} with --steps {args.steps} denoises nothing; raise either")
+    settings = config_from(GenerationConfig, args)
+    settings.check(img2img=image is not None)  # the API's own check, before the model loads
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise ValueError(f"--num-images must be in [1, {MAX_IMAGES}], got {args.num_images}")
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if not 1 <= args.batch_size <= MAX_BATCH:
@@ -353,9 +367,7 @@ def cmd_generate(args) -> None:
     paths = [folder / f"{args.seed}-{k:03d}.png" for k in range(args.num_images)]
     own, params = {}, None  # the images this process made
     for first, result in generate_share(pp, args.num_images, args.seed, state, args.batch_size, prompt=args.prompt,
-                                        prospect_words=words, image=image, strength=args.strength, height=args.height,
-                                        width=args.width, num_inference_steps=args.steps,
-                                        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt):
+                                        prospect_words=words, image=image, config=settings):
         params = dict(result.parameters, seed=args.seed, model=args.model or "embedded toy-world",
                       concept_files=args.concept, stage_prompts=result.stage_prompts[0], batch_size=args.batch_size)
         for k, im in enumerate(result.images, first):
@@ -374,12 +386,12 @@ def cmd_visualize(args) -> None:
     from .concept import Concept
     from .files import check_output_folder
     from .outputs import ensure_dir, save_png
-    from .pipeline import ProSpectPipeline
+    from .pipeline import GenerationConfig
     from .visualize import visualize
 
     if not 1 <= args.scale <= MAX_SCALE:
         raise ValueError(f"--scale must be in [1, {MAX_SCALE}], got {args.scale}")
-    ProSpectPipeline.check_arguments(None, 0.0, args.height, args.width, args.steps, args.guidance_scale, 1)
+    config_from(GenerationConfig, args).check()
     _check_seed(args.seed)
     check_output_folder(args.out)
     read = Concept.load(args.concept)  # a bad file is refused before the model loads

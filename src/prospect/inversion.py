@@ -41,26 +41,37 @@ class InversionError(RuntimeError):
 class InversionConfig:
     """Settings of one inversion (the CLI flags of ``prospect train`` map onto these)."""
 
-    placeholder: str = "*"  # the word prompts use for the concept
-    initializer: str = "object"  # word whose embedding starts every stage's token
-    num_stages: int = 10  # N, the number of per-stage tokens
-    vectors_per_stage: int = 6  # V, prompt tokens each stage's token stands for (diffusers' --num_vectors);
+    placeholder: str = field(default="*", metadata={"help": "the word prompts use for the concept"})
+    initializer: str = field(default="object", metadata={
+        "flag": "--init-word", "help": "initializer word(s): each stage's token starts from their embedding (as many "
+                                      "words as --vectors-per-stage start one vector each)"})
+    num_stages: int = field(default=10, metadata={"flag": "--stages", "help": "number of stages N"})
+    vectors_per_stage: int = field(default=6, metadata={"help": "prompt tokens each stage's token stands for"})
     # 6, not 1: on the embedded model one vector per stage reconstructs 0.09, six 0.47 (docs/inversion-fidelity.md)
-    parameterization: str = "free"  # "free": N independent tokens; "shared": a shared token + a per-stage delta
-    steps: int = 500  # optimisation steps
-    lr: float = 5e-3  # AdamW learning rate of the token rows
-    batch_size: int = 10  # samples per step (global, over all processes)
-    resolution: int | None = None  # training size in pixels; None = the model's default size
-    crop: str = "center"  # "center" (square crop, then resize) or "none" (stretch, as official)
-    flip_p: float = 0.0  # probability of a horizontal flip; 0, not the official 0.5: a flip mirrors the layout,
-    # which ProSpect transfers (left becomes right); 0.5 suits a left-right symmetric subject
-    templates: Sequence[str] = ("{}",)  # caption templates; "{}" is the concept token (official)
-    stratified: bool = True  # every step (or every N/batch steps) covers all stages
-    seed: int = 0  # everything random derives from it
-    checkpoint_every: int = 100  # steps between checkpoints (0 = none); the most a kill can lose
-    validation_every: int = 0  # steps between calls of invert's ``validate`` callback (0 = never)
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (GPU only; CPU always runs fp32)
-    extra: dict = field(default_factory=dict)  # free-form notes stored in the checkpoint
+    parameterization: str = field(default="free", metadata={
+        "choices": ("free", "shared"),
+        "help": "free: N independent stage tokens; shared: a token shared by all stages plus a per-stage difference"})
+    steps: int = field(default=500, metadata={"help": "optimisation steps"})
+    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the token rows"})
+    batch_size: int = field(default=10, metadata={"help": "samples per step (train: over all processes)"})
+    resolution: int | None = field(default=None, metadata={"help": "training size in pixels (default: the model's)"})
+    crop: str = field(default="center", metadata={"choices": ("center", "none"),
+                                                  "help": "center: square crop, then resize; none: stretch (official)"})
+    flip_p: float = field(default=0.0, metadata={
+        "help": "probability of a horizontal flip (a flip mirrors the layout, which is an attribute; 0.5 as the "
+                "official code for symmetric subjects)"})
+    # 0, not the official 0.5: a flip mirrors the layout, which ProSpect transfers (left becomes right)
+    templates: Sequence[str] = field(default=("{}",), metadata={
+        "flag": "--template", "action": "append", "help": "caption template with {} (repeatable; default '{}')"})
+    stratified: bool = field(default=True, metadata={
+        "flag": "--no-stratified", "invert": True, "help": "draw stages at random instead of covering all"})
+    seed: int = field(default=0, metadata={"help": "everything random derives from it"})
+    checkpoint_every: int = field(default=100, metadata={
+        "help": "steps between checkpoints (0 = none): the most an interruption can lose"})
+    validation_every: int = field(default=0, metadata={"help": "write a validation image every K steps (0 = never)"})
+    mixed_precision: str = field(default="no", metadata={"choices": ("no", "fp16", "bf16"),
+                                                         "help": "GPU autocast (CPU always runs fp32)"})
+    extra: dict = field(default_factory=dict, metadata={"flag": None})  # free-form notes stored in the checkpoint
 
 
 # upper bounds that keep a typo from allocating without end; the stages also must fit the model's timesteps
