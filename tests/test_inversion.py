@@ -173,3 +173,26 @@ def test_non_finite_rows_and_loss_stop_with_a_message_and_keep_the_checkpoint(ti
         invert(tiny_pipe, _images(1), InversionConfig(**dict(CFG, steps=10, checkpoint_every=5)),
                checkpoint=tmp_path / "d.ckpt.safetensors", progress=False)
     assert ckpt.read_bytes() == good and not (tmp_path / "d.ckpt.safetensors").exists()
+
+
+def test_invert_is_setup_then_its_steps(clip_tokenizer_dir):
+    """The algorithm's step is testable on its own: setup + step 0..S-1 by hand gives invert's concept exactly,
+    and a step touches only the concept rows."""
+    from conftest import build_tiny_pipeline
+    from prospect.distributed import Solo
+    from prospect.inversion import setup, step
+
+    cfg = InversionConfig(steps=3, batch_size=2, checkpoint_every=0, vectors_per_stage=2)
+    learned = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), cfg, progress=False, accelerator=Solo())
+    pipe = build_tiny_pipeline(clip_tokenizer_dir)
+    run = setup(pipe, _images(), cfg, Solo())
+    frozen = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    before = run.rows().clone()
+    pipe.text_encoder.set_input_embeddings(run.layer)
+    logs = [step(run, i) for i in range(cfg.steps)]
+    assert [log.step for log in logs] == [0, 1, 2] and all(np.isfinite(log.loss) for log in logs)
+    assert all(len(log.stages) == cfg.batch_size for log in logs)
+    assert not torch.equal(run.rows(), before)
+    torch.testing.assert_close(run.rows(), learned.embeddings, rtol=0, atol=0)
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in frozen.items())
+    assert pipe.text_encoder.get_input_embeddings() is run.layer and run.layer.base is run.base

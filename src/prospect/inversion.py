@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from numbers import Integral, Real
 from pathlib import Path
@@ -231,30 +232,45 @@ def _target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torc
     raise InversionError(f"unsupported prediction_type {kind!r}")
 
 
-def invert(
-    pipe,
-    images: list[Image.Image],
-    config: InversionConfig | None = None,
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
-    on_step: Callable[[StepLog], None] | None = None,
-    validate: Callable[[int, Concept], None] | None = None,
-    progress: bool = True,
-    accelerator=None,
-) -> Concept:
-    """Learn a Concept (N per-stage token embeddings) from one or a few reference images.
+@dataclass
+class Inversion:
+    """Everything one inversion run holds: built by :func:`setup`, advanced by :func:`step`."""
 
-    ``accelerator`` (default: a new ``accelerate.Accelerator``) spreads each step's global batch
-    over the launch's processes; ``prospect.distributed.Solo(device)`` keeps this run to one process.
-    """
-    cfg = config or InversionConfig()
+    pipe: object
+    cfg: InversionConfig
+    accelerator: object
+    sched: DDPMScheduler
+    stage_map: StageMap
+    concept: Concept  # the concept being learned (its embeddings are the initial ones until the end)
+    base: torch.nn.Embedding  # the text encoder's own input embeddings
+    layer: _ConceptRows  # the trainable rows, in place of ``base`` during the run
+    opt: torch.optim.Optimizer
+    mean: torch.Tensor  # cached latent posterior of every image and its mirror
+    std: torch.Tensor
+    captions: dict  # (stage, template) -> caption text
+    fingerprint: str  # of the images and settings, for resume
+    num_images: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def rows(self) -> torch.Tensor:
+        """The current concept embeddings, [N, V, D] on the CPU in float32."""
+        return self.layer.rows.detach().float().cpu().reshape(self.concept.embeddings.shape)
+
+
+def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=None) -> Inversion:
+    """Check the settings, freeze the model, add the concept's tokens and build the trainable rows, the optimiser
+    and the latent cache (the text encoder keeps its own embeddings until :func:`invert` swaps them)."""
     check_config(cfg)
     if not images:
         raise InversionError("no reference images")
     if accelerator is None:
         from accelerate import Accelerator
 
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
+        gpu = torch.cuda.is_available()
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision if gpu else "no", cpu=not gpu)
     if cfg.batch_size % accelerator.num_processes:
         raise InversionError(f"batch size {cfg.batch_size} must be a multiple of the {accelerator.num_processes} processes")
     device = accelerator.device
@@ -270,79 +286,108 @@ def invert(
     coupled = cfg.num_stages if cfg.parameterization == "shared" and cfg.num_stages > 1 else 0  # one stage: nothing to couple
     layer = _ConceptRows(base, token_ids, concept.rows().to(device), coupled).to(device)
     opt = torch.optim.AdamW(list(layer.parts().values()), lr=cfg.lr, weight_decay=0.0)
-    fingerprint, start = _fingerprint(images, cfg), 0
-    ckpt = Path(checkpoint) if checkpoint else None
-    if resume and ckpt is not None and ckpt.exists():
-        start = _resume(ckpt, fingerprint, layer, opt)
     mean, std = _cache_latents(pipe, images, cfg, device)
-    scale = pipe.vae.config.scaling_factor
     captions = {(k, j): tpl.format(concept.prompt_text(k)) for k in range(cfg.num_stages) for j, tpl in enumerate(cfg.templates)}
-    rank, world = accelerator.process_index, accelerator.num_processes
-    unet_dtype = pipe.unet.dtype  # a property that walks every module: read it once
+    return Inversion(pipe, cfg, accelerator, sched, stage_map, concept, base, layer, opt, mean, std, captions,
+                     _fingerprint(images, cfg), len(images))
+
+
+def step(run: Inversion, index: int) -> StepLog:
+    """Optimisation step ``index``: this process's slice of the global batch drawn from (seed, index), the
+    denoising loss, the rows' gradients averaged over the processes, one AdamW update. A non-finite loss leaves
+    the rows untouched (the returned loss says so). The text encoder must hold ``run.layer``."""
+    cfg, pipe, device, acc = run.cfg, run.pipe, run.device, run.accelerator
+    rank, world = acc.process_index, acc.num_processes
+    d = _draw(index, cfg, run.num_images, run.stage_map, run.mean.shape[2:])
+    mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    d = {k: v[mine].to(device) for k, v in d.items()}
+    x0 = (run.mean[d["image"], d["flip"]] + run.std[d["image"], d["flip"]] * d["eps_latent"]) * pipe.vae.config.scaling_factor
+    keys = [(int(k), int(j)) for k, j in zip(d["stages"], d["template"])]
+    unique = sorted(set(keys))  # encode only the stage prompts this batch needs
+    ids = pipe.tokenizer([run.captions[k] for k in unique], padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+    unet_dtype = pipe.unet.conv_in.weight.dtype  # (pipe.unet.dtype walks every module)
+    with acc.autocast():
+        states = pipe.text_encoder(ids)[0]
+        cond = states[torch.tensor([unique.index(k) for k in keys], device=device)]
+        noisy = run.sched.add_noise(x0, d["noise"], d["t"])
+        pred = pipe.unet(noisy.to(unet_dtype), d["t"], encoder_hidden_states=cond.to(unet_dtype)).sample
+    loss = F.mse_loss(pred.float(), _target(run.sched, x0, d["noise"], d["t"]).float())
+    loss_all = acc.reduce(loss.detach(), "mean") if world > 1 else loss.detach()
+    if torch.isfinite(loss_all):
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            for param in run.layer.parts().values():
+                param.grad = acc.reduce(param.grad, "mean")
+        run.opt.step()
+    return StepLog(index, loss_all.item(), [k for k, _ in keys])
+
+
+def invert(
+    pipe,
+    images: list[Image.Image],
+    config: InversionConfig | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[StepLog], None] | None = None,
+    validate: Callable[[int, Concept], None] | None = None,
+    progress: bool = True,
+    accelerator=None,
+) -> Concept:
+    """Learn a Concept (N per-stage token embeddings) from one or a few reference images.
+
+    The run's policy around :func:`setup` and :func:`step`: resume, checkpoints every
+    ``checkpoint_every`` steps, validation images, and a stop on non-finite values that keeps the last
+    good checkpoint. ``accelerator`` (default: a new ``accelerate.Accelerator``) spreads each step's
+    global batch over the launch's processes; ``prospect.distributed.Solo(device)`` keeps this run to
+    one process.
+    """
+    cfg = config or InversionConfig()
+    run = setup(pipe, images, cfg, accelerator)
+    ckpt, start = Path(checkpoint) if checkpoint else None, 0
+    if resume and ckpt is not None and ckpt.exists():
+        start = _resume(ckpt, run.fingerprint, run.layer, run.opt)
+    main_process = run.accelerator.is_main_process
+    kept = lambda: f"last good checkpoint {ckpt} kept" if ckpt and ckpt.exists() else "no checkpoint written"  # noqa: E731
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="inversion",
-               disable=not (progress and accelerator.is_main_process))
-    pipe.text_encoder.set_input_embeddings(layer)
+               disable=not (progress and main_process))
+    pipe.text_encoder.set_input_embeddings(run.layer)
     try:
-        for step in bar:
-            d = _draw(step, cfg, len(images), stage_map, mean.shape[2:])
-            mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
-            d = {k: v[mine].to(device) for k, v in d.items()}
-            x0 = (mean[d["image"], d["flip"]] + std[d["image"], d["flip"]] * d["eps_latent"]) * scale
-            keys = [(int(k), int(j)) for k, j in zip(d["stages"], d["template"])]
-            unique = sorted(set(keys))  # encode only the stage prompts this batch needs
-            ids = pipe.tokenizer([captions[k] for k in unique], padding="max_length", truncation=True,
-                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
-            with accelerator.autocast():
-                states = pipe.text_encoder(ids)[0]
-                cond = states[torch.tensor([unique.index(k) for k in keys], device=device)]
-                noisy = sched.add_noise(x0, d["noise"], d["t"])
-                pred = pipe.unet(noisy.to(unet_dtype), d["t"], encoder_hidden_states=cond.to(unet_dtype)).sample
-            loss = F.mse_loss(pred.float(), _target(sched, x0, d["noise"], d["t"]).float())
-            if world > 1:
-                loss_all = accelerator.reduce(loss.detach(), "mean")
-            else:
-                loss_all = loss.detach()
-            if not torch.isfinite(loss_all):
-                kept = f"last good checkpoint {ckpt} kept" if ckpt and ckpt.exists() else "no checkpoint written"
-                raise InversionError(f"loss became {loss_all.item()} at step {step}; {kept}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                for param in layer.parts().values():
-                    param.grad = accelerator.reduce(param.grad, "mean")
-            opt.step()
+        for index in bar:
+            log = step(run, index)
+            if not math.isfinite(log.loss):
+                raise InversionError(f"loss became {log.loss} at step {index}; {kept()}; lower --lr")
             if on_step is not None:
-                on_step(StepLog(step, loss_all.item(), [k for k, _ in keys]))
-            bar.set_postfix(loss=f"{loss_all.item():.4f}", refresh=False)
-            done = step + 1
+                on_step(log)
+            bar.set_postfix(loss=f"{log.loss:.4f}", refresh=False)
+            done = index + 1
             due = ckpt is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
-            if (due or done == cfg.steps) and not torch.isfinite(layer.rows).all():  # never save or return those
-                kept = f"last good checkpoint {ckpt} kept" if ckpt and ckpt.exists() else "no checkpoint written"
-                raise InversionError(f"token embeddings became non-finite at step {step}; {kept}; lower --lr")
+            if (due or done == cfg.steps) and not torch.isfinite(run.layer.rows).all():  # never save or return those
+                raise InversionError(f"token embeddings became non-finite at step {index}; {kept()}; lower --lr")
             if due:
-                if accelerator.is_main_process:
-                    _save(ckpt, layer, opt, done, fingerprint, cfg)
-                accelerator.wait_for_everyone()
-            if validate is not None and cfg.validation_every and done % cfg.validation_every == 0:
-                if accelerator.is_main_process:
-                    _validate(validate, done, concept, layer, base, pipe)
+                if main_process:
+                    _save(ckpt, run.layer, run.opt, done, run.fingerprint, cfg)
+                run.accelerator.wait_for_everyone()
+            if validate is not None and cfg.validation_every and done % cfg.validation_every == 0 and main_process:
+                _validate(validate, done, run)
     finally:
         bar.close()  # ends the bar's line, so an error message starts on a line of its own
-        pipe.text_encoder.set_input_embeddings(base)
-    concept.embeddings = layer.rows.detach().float().cpu().reshape(init.shape)
-    add_concept(pipe.tokenizer, pipe.text_encoder, concept)
-    return concept
+        pipe.text_encoder.set_input_embeddings(run.base)
+    run.concept.embeddings = run.rows()
+    add_concept(pipe.tokenizer, pipe.text_encoder, run.concept)
+    return run.concept
 
 
-def _validate(validate, step: int, concept: Concept, layer: _ConceptRows, base, pipe) -> None:
+def _validate(validate, done: int, run: Inversion) -> None:
     """Hand the current concept to ``validate`` with the plain embedding table in place (rows written)."""
-    snapshot = replace(concept, embeddings=layer.rows.detach().float().cpu().reshape(concept.embeddings.shape))
-    pipe.text_encoder.set_input_embeddings(base)
+    snapshot = replace(run.concept, embeddings=run.rows())
+    run.pipe.text_encoder.set_input_embeddings(run.base)
     try:
-        add_concept(pipe.tokenizer, pipe.text_encoder, snapshot)
-        validate(step, snapshot)
+        add_concept(run.pipe.tokenizer, run.pipe.text_encoder, snapshot)
+        validate(done, snapshot)
     finally:
-        pipe.text_encoder.set_input_embeddings(layer)
+        run.pipe.text_encoder.set_input_embeddings(run.layer)
 
 
 def _save(path: Path, layer: _ConceptRows, opt, step: int, fingerprint: str, cfg: InversionConfig) -> None:
