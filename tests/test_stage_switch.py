@@ -167,3 +167,13 @@ def test_a_scheduler_swapped_on_the_pipeline_serves_img2img_too(tiny_pipe):
     out = pp("a cat", image=_image(), num_inference_steps=4)
     assert out.parameters["scheduler"] == "EulerDiscreteScheduler"
     assert isinstance(tiny_pipe, StableDiffusionPipeline)
+
+
+def test_the_readme_stock_call_equals_the_convenience_call(tiny_pipe):
+    pp = ProSpectPipeline(tiny_pipe)
+    switch = pp.stage_switch("*", WORDS, GenerationConfig(num_inference_steps=STEPS))
+    stock = tiny_pipe(**switch.start(tiny_pipe, STEPS), num_inference_steps=STEPS, callback_on_step_end=switch,
+                      generator=_gen(3), output_type="np").images
+    ours = pp("*", prospect_words=WORDS, num_inference_steps=STEPS, generator=_gen(3), output_type="np").images
+    np.testing.assert_array_equal(stock, ours)
+    assert switch.stages == [stage_of(t) for t in switch.timesteps]

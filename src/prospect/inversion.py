@@ -266,6 +266,7 @@ def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=Non
     check_config(cfg)
     if not images:
         raise InversionError("no reference images")
+    pipe = getattr(pipe, "pipe", pipe)  # a ProSpectPipeline: its stock pipeline
     if accelerator is None:
         from accelerate import Accelerator
 
@@ -335,7 +336,8 @@ def invert(
     progress: bool = True,
     accelerator=None,
 ) -> Concept:
-    """Learn a Concept (N per-stage token embeddings) from one or a few reference images.
+    """Learn a Concept (N per-stage token embeddings) from one or a few reference images, on a stock
+    ``StableDiffusionPipeline`` (or a ``ProSpectPipeline``'s).
 
     The run's policy around :func:`setup` and :func:`step`: resume, checkpoints every
     ``checkpoint_every`` steps, validation images, and a stop on non-finite values that keeps the last
@@ -352,6 +354,7 @@ def invert(
     kept = lambda: f"last good checkpoint {ckpt} kept" if ckpt and ckpt.exists() else "no checkpoint written"  # noqa: E731
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="inversion",
                disable=not (progress and main_process))
+    pipe = run.pipe
     pipe.text_encoder.set_input_embeddings(run.layer)
     try:
         for index in bar:
