@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="inversion steps (default: the demo's budget)")
     d.add_argument("--seed", type=int, default=0)
     _model_args(d)
+
+    u = sub.add_parser("ui", help="the web app: train, edit the stages, generate (Gradio, in your browser)")
+    u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    u.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    u.add_argument("--share", action="store_true", help="also make Gradio's public share link (off by default)")
+    u.add_argument("--out", default="prospect-ui", help="folder of the app's concepts and images")
+    _model_args(u)
     return parser
 
 
@@ -467,9 +474,23 @@ def cmd_demo(args) -> None:
     print(f"figure: {report.figure}\nreport: {report.html}")
 
 
+def cmd_ui(args) -> None:
+    try:
+        from .ui import Studio, launch
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError("the web app needs gradio: pip install 'prospect-spectrum[ui]'") from None
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    studio = Studio(lambda: _load(args), Path(args.out))
+    studio.pp  # load the model now: a bad --model fails here, in one line, before the server starts
+    print(f"ProSpect UI on http://{args.host}:{args.port} (Ctrl+C stops it)")
+    launch(studio, args.host, args.port, args.share)
+
+
 FOLDER_OUTPUTS = ("generate", "visualize", "export", "demo")  # the commands whose --out is a folder
 COMMANDS = {"train": cmd_train, "train-many": cmd_train_many, "generate": cmd_generate, "visualize": cmd_visualize, "export": cmd_export,
-            "info": cmd_info, "demo": cmd_demo}
+            "info": cmd_info, "demo": cmd_demo, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:
