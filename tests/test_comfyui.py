@@ -78,3 +78,41 @@ def test_workflow_for_one_stage_has_no_combine():
     nodes = workflow_api(["x-s0"], [timestep_range(0, 1)])
     assert [n["class_type"] for n in nodes.values()].count("ConditioningCombine") == 0
     assert timestep_range(0, 1) == (0.0, 1.0)
+
+
+def _prompt_from_ui(ui: dict) -> dict:
+    """What ComfyUI's frontend sends for a loaded UI workflow (its graphToPrompt): widget values by the node's
+    widget names, linked inputs as [origin id, origin slot]."""
+    from prospect.comfyui import FRONTEND_ONLY, NODES
+
+    links = {link[0]: link for link in ui["links"]}
+    prompt = {}
+    for node in ui["nodes"]:
+        inputs_spec, widgets, _ = NODES[node["type"]]
+        inputs = {w: v for w, v in zip(widgets, node["widgets_values"]) if w not in FRONTEND_ONLY}
+        for slot in node["inputs"]:
+            _, origin, origin_slot, target, _, kind = links[slot["link"]]
+            assert target == node["id"] and kind == slot["type"]
+            inputs[slot["name"]] = [str(origin), origin_slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.parametrize("num_stages", [10, 3, 1])
+def test_the_ui_workflow_is_the_api_workflow_as_comfyui_loads_it(tmp_path, num_stages):
+    from prospect.comfyui import export_comfyui
+
+    concept = Concept(placeholder="<x>", embeddings=torch.randn(num_stages, 2, 32))
+    export_comfyui(concept, tmp_path, name="x")
+    api = json.loads((tmp_path / "x-workflow_api.json").read_text())
+    ui = json.loads((tmp_path / "x-workflow.json").read_text())
+    assert _prompt_from_ui(ui) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    outputs = {(n["id"], o["slot_index"]): (o["type"], o["links"]) for n in ui["nodes"] for o in n["outputs"]}
+    for link_id, origin, slot, target, target_slot, kind in ui["links"]:  # both ends know the link, types agree
+        assert outputs[(origin, slot)][0] == kind and link_id in outputs[(origin, slot)][1]
+        target_node = next(n for n in ui["nodes"] if n["id"] == target)
+        assert target_node["inputs"][target_slot]["link"] == link_id
+    assert ui["last_link_id"] == len(ui["links"]) and ui["last_node_id"] == max(n["id"] for n in ui["nodes"])
+    assert len({tuple(n["pos"]) for n in ui["nodes"]}) == len(ui["nodes"])  # no two nodes on top of each other
+    sampler = next(n for n in ui["nodes"] if n["type"] == "KSampler")
+    assert sampler["widgets_values"][:2] == [0, "fixed"]

@@ -94,6 +94,7 @@ BAD_VALUES = {
     "seed": ["-1", "abc", str(2 ** 64)],
     "choice": ["bogus"],
     "device": ["banana", "cuda:7"],
+    "port": ["0", "-1", "65536", "abc"],
 }
 
 TRAIN = ["train", "{refs}", "--out", "{out}/c.safetensors", "--model", "{model}", "--steps", "2", "--batch-size", "2",
@@ -103,6 +104,7 @@ IMG2IMG = GENERATE + ["--image", "{refs}/r0.png"]
 VISUALIZE = ["visualize", "--model", "{model}", "--concept", "{concept}", "--steps", "2", "--out", "{out}"]
 EXPORT = ["export", "{concept}", "--format", "a1111", "--out", "{out}"]
 DEMO = ["demo", "--model", "{model}", "--steps", "2", "--out", "{out}"]
+UI = ["ui", "--model", "{model}", "--out", "{out}"]
 
 FLAGS = [  # (base command line, flag, kind)
     (TRAIN, "--stages", "count"), (TRAIN, "--vectors-per-stage", "count"), (TRAIN, "--steps", "count"),
@@ -119,6 +121,7 @@ FLAGS = [  # (base command line, flag, kind)
     (VISUALIZE, "--scheduler", "choice"), (VISUALIZE, "--dtype", "choice"), (VISUALIZE, "--device", "device"),
     (EXPORT, "--steps", "count"), (EXPORT, "--format", "choice"),
     (DEMO, "--steps", "count"), (DEMO, "--seed", "seed"), (DEMO, "--dtype", "choice"), (DEMO, "--device", "device"),
+    (UI, "--port", "port"), (UI, "--dtype", "choice"), (UI, "--device", "device"),
 ]
 FLAG_CASES = [(base, flag, value) for base, flag, kind in FLAGS for value in BAD_VALUES[kind]
               if not (value.startswith("cuda") and torch.cuda.is_available())]

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a concept for other tools")
     e.add_argument("concept")
     e.add_argument("--format", choices=("diffusers", "a1111", "comfyui"), required=True,
-                   help="comfyui: models/embeddings/ under --out (a ComfyUI folder) and a workflow (API JSON)")
+                   help="comfyui: models/embeddings/ under --out (a ComfyUI folder) and a workflow (UI and API JSON)")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--steps", type=int, default=A1111_STEPS,
                    help=f"a1111: the sampling steps the printed prompt schedules exactly (default {A1111_STEPS}, "
@@ -431,6 +431,7 @@ def cmd_export(args) -> None:
         paths, workflow = export_comfyui(concept, folder, name=name)
         for p in paths:
             print(p)
+        print(f"workflow (ComfyUI UI format, open it with Load): {workflow.with_name(workflow.name.replace('_api', ''))}")
         print(f"workflow (ComfyUI API format): {workflow}")
     else:
         paths, prompt = export_a1111(concept, folder, num_inference_steps=args.steps, name=name)

@@ -70,10 +70,72 @@ def workflow_api(names: list[str], ranges: list[tuple[float, float]], checkpoint
     return nodes
 
 
+# The nodes the workflow uses, as ComfyUI defines them (nodes.py INPUT_TYPES / RETURN_TYPES): linked inputs in slot
+# order, widgets in order (the frontend adds KSampler's "control_after_generate" after its seed), outputs.
+NODES = {
+    "CheckpointLoaderSimple": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], ["text"], [("CONDITIONING", "CONDITIONING")]),
+    "ConditioningSetTimestepRange": ([("conditioning", "CONDITIONING")], ["start", "end"],
+                                     [("CONDITIONING", "CONDITIONING")]),
+    "ConditioningCombine": ([("conditioning_1", "CONDITIONING"), ("conditioning_2", "CONDITIONING")], [],
+                            [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")],
+                 ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+                 [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
+}
+FRONTEND_ONLY = {"control_after_generate": "fixed"}  # widgets the API format does not carry
+
+
+def workflow_ui(api: dict) -> dict:
+    """The same graph in ComfyUI's UI (litegraph) format, the file its menu's Load opens: nodes with their
+    widgets, slots and positions (a column per depth), and the links between them."""
+    depth: dict[str, int] = {}
+
+    def level(node_id: str) -> int:
+        if node_id not in depth:
+            sources = [v[0] for v in api[node_id]["inputs"].values() if isinstance(v, list)]
+            depth[node_id] = 1 + max((level(s) for s in sources), default=-1)
+        return depth[node_id]
+
+    order = sorted(api, key=lambda n: (level(n), int(n)))
+    rows: dict[int, int] = {}
+    nodes, links = {}, []
+    for position, node_id in enumerate(order):
+        spec = api[node_id]
+        inputs, widgets, outputs = NODES[spec["class_type"]]
+        column = level(node_id)
+        row = rows[column] = rows.get(column, -1) + 1
+        node = {"id": int(node_id), "type": spec["class_type"], "pos": [40 + 360 * column, 40 + 200 * row],
+                "size": [320, 160], "flags": {}, "order": position, "mode": 0,
+                "inputs": [{"name": name, "type": kind, "link": None} for name, kind in inputs],
+                "outputs": [{"name": name, "type": kind, "links": [], "slot_index": k}
+                            for k, (name, kind) in enumerate(outputs)],
+                "properties": {"Node name for S&R": spec["class_type"]},
+                "widgets_values": [FRONTEND_ONLY[w] if w in FRONTEND_ONLY else spec["inputs"][w] for w in widgets]}
+        if "_meta" in spec:
+            node["title"] = spec["_meta"]["title"]
+        nodes[node_id] = node
+    for node_id in order:
+        for slot, (name, kind) in enumerate(NODES[api[node_id]["class_type"]][0]):
+            source, source_slot = api[node_id]["inputs"][name]
+            link = len(links) + 1
+            links.append([link, int(source), source_slot, int(node_id), slot, kind])
+            nodes[node_id]["inputs"][slot]["link"] = link
+            nodes[source]["outputs"][source_slot]["links"].append(link)
+    return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links),
+            "nodes": [nodes[n] for n in order], "links": links, "groups": [], "config": {}, "extra": {},
+            "version": 0.4}
+
+
 def export_comfyui(concept: Concept, folder: str | os.PathLike, name: str | None = None) -> tuple[list[Path], Path]:
     """Write ``models/embeddings/<name>-s<k>.safetensors`` ({"emb_params": [V, dim]}, which ComfyUI's
     embedding loader reads) under ``folder`` (a ComfyUI folder, or one to copy into it), and
-    ``<name>-workflow_api.json``. Returns the embedding files and the workflow."""
+    ``<name>-workflow_api.json`` (API format) and ``<name>-workflow.json`` (the UI format that ComfyUI's Load
+    opens). Returns the embedding files and the API workflow."""
     stem, folder = _file_stem(concept, name), Path(folder)
     names = [f"{stem}-s{k}" for k in range(concept.num_stages)]
     ranges = [timestep_range(k, concept.num_stages, concept.num_train_timesteps) for k in range(concept.num_stages)]
@@ -82,6 +144,8 @@ def export_comfyui(concept: Concept, folder: str | os.PathLike, name: str | None
     paths = [embeddings / f"{n}.safetensors" for n in names]
     for k, path in enumerate(paths):
         _atomic_write(path, safetensors.torch.save({"emb_params": concept.stage_vectors(k).clone()}))
+    api = workflow_api(names, ranges)
     workflow = folder / f"{stem}-workflow_api.json"
-    _atomic_write(workflow, (json.dumps(workflow_api(names, ranges), indent=1) + "\n").encode())
+    _atomic_write(workflow, (json.dumps(api, indent=1) + "\n").encode())
+    _atomic_write(folder / f"{stem}-workflow.json", (json.dumps(workflow_ui(api), indent=1) + "\n").encode())
     return paths, workflow
