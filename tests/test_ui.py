@@ -184,3 +184,40 @@ def test_upload_train_generate_in_a_real_browser(tmp_path):
     finally:
         browser.quit()
         app.close()
+
+
+@pytest.mark.slow
+def test_two_users_jobs_queue_and_a_bad_one_gets_the_one_line_error(studio):
+    """Two clients submit at once: one job runs at a time, both finish; bad input comes back as the CLI's line."""
+    from gradio_client import Client
+
+    from prospect.ui import launch
+
+    port = _free_port()
+    app = launch(studio, port=port, block=False)
+    running, most = [0], [0]
+    real = studio.generate
+
+    def counted(*args, **kwargs):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.5)  # long enough for the second job to arrive while the first runs
+            return real(*args, **kwargs)
+        finally:
+            running[0] -= 1
+
+    studio.generate = counted
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        rows = ["a photo of a dog"] * 10 + [""] * 10
+        args = (None, None, 0.6, 3, 5.0, 0, 1, *rows)
+        jobs = [client.submit(*args, api_name="/generate") for _ in range(2)]
+        results = [job.result(timeout=120) for job in jobs]
+        assert all(len(gallery) == 1 for gallery, _ in results)
+        assert most[0] == 1  # never two at once on the one pipeline
+        with pytest.raises(Exception, match="prospect: error: num_inference_steps must be an integer") as info:
+            client.predict(None, None, 0.6, 0, 5.0, 0, 1, *rows, api_name="/generate")
+        assert "\n" not in str(info.value).strip()
+    finally:
+        app.close()

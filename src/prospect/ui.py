@@ -229,13 +229,13 @@ def build_app(studio: Studio):
                 downloads = gr.File(file_count="multiple", label="PNGs (parameters in their metadata)",
                                     elem_id="downloads")
 
-        train_btn.click(guarded(train), [files, name, steps], [status, concept])
-        concept.change(guarded(stages_of), [concept], [*rows, split])
+        train_btn.click(guarded(train), [files, name, steps], [status, concept], api_name="train")
+        concept.change(guarded(stages_of), [concept], [*rows, split], api_name=False)
         for trigger in (preset.change, split.release, concept_prompt.submit, text_prompt.submit):
-            trigger(guarded(rows_for), [preset, split, concept_prompt, text_prompt, *rows], rows)
+            trigger(guarded(rows_for), [preset, split, concept_prompt, text_prompt, *rows], rows, api_name=False)
         gen_btn.click(guarded(generate), [concept, image, strength, gen_steps, guidance, seed, count, *rows],
-                      [gallery, downloads])
-        vis_btn.click(guarded(grid), [concept, gen_steps, guidance, seed], [gallery, downloads])
+                      [gallery, downloads], api_name="generate")
+        vis_btn.click(guarded(grid), [concept, gen_steps, guidance, seed], [gallery, downloads], api_name="visualize")
     app.queue(default_concurrency_limit=1)  # several users' jobs wait their turn on the one pipeline
     return app
 
