@@ -22,7 +22,8 @@ from .verbosity import quiet_by_default
 quiet_by_default()  # before diffusers' first import logs its notes
 
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from PIL import Image
@@ -34,6 +35,9 @@ from .stage_switch import StageSwitch
 from .stages import StageMap
 
 MAX_IMAGES = 10_000  # per call
+# (txt2img, img2img, inpainting) of each model family; SDXL: both text encoders and the pooled embedding
+FAMILIES = {"sd": (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline),
+            "sdxl": (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline)}
 MAX_GUIDANCE = 100.0
 
 
@@ -119,6 +123,10 @@ class ProSpectPipeline:
         return self
 
     @property
+    def family(self) -> str:
+        return "sdxl" if hasattr(self.pipe, "text_encoder_2") else "sd"
+
+    @property
     def num_stages(self) -> int:
         return self.stage_map.num_stages
 
@@ -138,7 +146,10 @@ class ProSpectPipeline:
         return variant
 
     def load_concept(self, concept: Concept | str | Path) -> Concept:
-        """Add a concept's per-stage tokens to the text encoder (replacing one with its placeholder)."""
+        """Add a concept's per-stage tokens to the text encoder (replacing one with its placeholder); SD 1.x/2.x."""
+        if self.family == "sdxl":
+            raise ValueError("concepts for SDXL (a token in both text encoders) are not supported yet; SDXL "
+                             "generation takes plain text per stage")
         if not isinstance(concept, Concept):
             concept = Concept.load(concept)
         if concept.num_train_timesteps != self.stage_map.num_train_timesteps:
@@ -210,8 +221,8 @@ class ProSpectPipeline:
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_FIELDS}
         cfg = replace(config or GenerationConfig(), **settings)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        stock = pipeline or self.variant(StableDiffusionInpaintPipeline if mask_image is not None else
-                                         StableDiffusionImg2ImgPipeline if image is not None else StableDiffusionPipeline)
+        txt2img, img2img, inpaint = FAMILIES[self.family]
+        stock = pipeline or self.variant(inpaint if mask_image is not None else img2img if image is not None else txt2img)
         takes = inspect.signature(stock.__call__).parameters
         edits = "strength" in takes and image is not None  # denoises the last share of the steps
         cfg.check(img2img=edits, num_train_timesteps=self.stage_map.num_train_timesteps)
@@ -230,7 +241,7 @@ class ProSpectPipeline:
             call.update(height=cfg.height, width=cfg.width)
         elif edits and (cfg.height or cfg.width):  # stock img2img takes the image's size: resize it first
             call["image"] = _resized(stock, image, cfg.height, cfg.width)
-        if isinstance(stock, StableDiffusionImg2ImgPipeline):
+        if isinstance(stock, (StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline)):
             call["image"] = self._one_image_per_output(stock, call["image"], len(prompts) * cfg.num_images_per_prompt,
                                                        generator)
         call.update(switch.start(stock, cfg.num_inference_steps, strength))
@@ -253,7 +264,8 @@ class ProSpectPipeline:
             return image  # a list or a batch: diffusers' own rules
         if batch == 1:
             return image
-        if isinstance(generator, list) or stock.vae.config.latent_channels != 4:  # stock takes 4-channel latents
+        if (isinstance(generator, list) or stock.vae.config.latent_channels != 4  # stock takes 4-channel latents
+                or isinstance(stock, StableDiffusionXLImg2ImgPipeline)):  # (and SDXL may upcast its VAE to encode)
             return [image] * batch if isinstance(image, Image.Image) else image.unsqueeze(0).repeat(batch, 1, 1, 1)
         pixels = stock.image_processor.preprocess(image)
         vae = stock.vae

@@ -30,21 +30,26 @@ from .stages import StageMap
 class StageSwitch(PipelineCallback):
     """Holds per-stage prompt embeddings and puts the right one in place before each step."""
 
-    tensor_inputs = ["prompt_embeds"]
-
     def __init__(self, stage_embeds: dict[int, torch.Tensor], negative_embeds: torch.Tensor | None,
-                 stage_map: StageMap, num_images_per_prompt: int = 1):
+                 stage_map: StageMap, num_images_per_prompt: int = 1,
+                 stage_pooled: dict[int, torch.Tensor] | None = None, negative_pooled: torch.Tensor | None = None):
         """``stage_embeds[k]``: [prompts, L, D] for stage k (the stages the call reaches);
-        ``negative_embeds``: [prompts, L, D], used under classifier-free guidance."""
+        ``negative_embeds``: [prompts, L, D], used under classifier-free guidance. SDXL also conditions on
+        a pooled embedding: ``stage_pooled[k]`` / ``negative_pooled``, [prompts, D2], swapped with the rest."""
         super().__init__()
         self.stage_embeds = stage_embeds
         self.negative_embeds = negative_embeds
+        self.stage_pooled, self.negative_pooled = stage_pooled, negative_pooled
         self.stage_map = stage_map
         self.num_images_per_prompt = num_images_per_prompt
         self.stage_texts: list[list[str]] | None = None  # what was encoded, when built by ``encode``
         self.trace: list[tuple[float, int]] = []  # (timestep, stage) of every step evaluated
         self._current: int | None = None
-        self._batched: dict[tuple[int, bool], torch.Tensor] = {}
+        self._cache: dict[tuple[str, int, bool], torch.Tensor] = {}
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        return ["prompt_embeds"] + (["add_text_embeds"] if self.stage_pooled is not None else [])
 
     @classmethod
     @torch.no_grad()
@@ -58,12 +63,23 @@ class StageSwitch(PipelineCallback):
         stage_map = stage_map or StageMap(num_stages, pipe.scheduler.config.num_train_timesteps)
         stages = sorted(set(range(num_stages) if stages is None else stages))
         unique = sorted({texts[k] for texts in stage_texts for k in stages})
-        embeds, _ = pipe.encode_prompt(unique + [negative_prompt or ""], pipe._execution_device, 1, False,
-                                       clip_skip=clip_skip)
         row = {text: i for i, text in enumerate(unique)}
-        per_stage = {k: embeds[[row[texts[k]] for texts in stage_texts]] for k in stages}
-        negative = embeds[-1:].expand(len(stage_texts), -1, -1)
-        switch = cls(per_stage, negative, stage_map, num_images_per_prompt)
+        pick = lambda rows: {k: rows[[row[texts[k]] for texts in stage_texts]] for k in stages}  # noqa: E731
+        batch = len(stage_texts)
+        if hasattr(pipe, "text_encoder_2"):  # SDXL: both encoders' hidden states, and the pooled embedding
+            # as stock SDXL: no negative prompt means zeros where the model was trained so
+            zeros = negative_prompt is None and pipe.config.get("force_zeros_for_empty_prompt", False)
+            texts = unique + ([] if zeros else [negative_prompt or ""])
+            embeds, _, pooled, _ = pipe.encode_prompt(texts, device=pipe._execution_device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False, clip_skip=clip_skip)
+            negative = torch.zeros_like(embeds[:1]) if zeros else embeds[-1:]
+            negative_pooled = torch.zeros_like(pooled[:1]) if zeros else pooled[-1:]
+            switch = cls(pick(embeds), negative.expand(batch, -1, -1), stage_map, num_images_per_prompt,
+                         pick(pooled), negative_pooled.expand(batch, -1))
+        else:
+            embeds, _ = pipe.encode_prompt(unique + [negative_prompt or ""], pipe._execution_device, 1, False,
+                                           clip_skip=clip_skip)
+            switch = cls(pick(embeds), embeds[-1:].expand(batch, -1, -1), stage_map, num_images_per_prompt)
         switch.stage_texts = [list(texts) for texts in stage_texts]
         return switch
 
@@ -82,25 +98,29 @@ class StageSwitch(PipelineCallback):
         """``prompt_embeds`` and ``negative_prompt_embeds`` for the stock ``__call__``: the first timestep's stage."""
         self.trace = []
         self._current = self.stage_map.stage(self.first_timestep(pipe, num_inference_steps, strength))
-        embeds = {"prompt_embeds": self._embeds(self._current)}
+        embeds = {"prompt_embeds": self.stage_embeds[self._check(self._current)]}
         if self.negative_embeds is not None:
             embeds["negative_prompt_embeds"] = self.negative_embeds
+        if self.stage_pooled is not None:
+            embeds["pooled_prompt_embeds"] = self.stage_pooled[self._current]
+            embeds["negative_pooled_prompt_embeds"] = self.negative_pooled
         return embeds
 
-    def _embeds(self, stage: int, guided: bool | None = None) -> torch.Tensor:
-        """Stage ``stage``'s embeddings: [prompts] for ``start``, or the loop's batch (images, with the negative
-        rows first when ``guided``)."""
+    def _check(self, stage: int) -> int:
         if stage not in self.stage_embeds:
             raise ValueError(f"stage {stage} was not encoded (encoded: {sorted(self.stage_embeds)})")
-        if guided is None:
-            return self.stage_embeds[stage]
-        key = (stage, guided)
-        if key not in self._batched:  # built once per stage and call, so each step only looks it up
-            cond = self.stage_embeds[stage].repeat_interleave(self.num_images_per_prompt, dim=0)
+        return stage
+
+    def _batched(self, name: str, per_stage: dict, negative, stage: int, guided: bool) -> torch.Tensor:
+        """The loop's batch of one stage (images, with the negative rows first when ``guided``), built once per
+        stage and call, so each step only looks it up."""
+        key = (name, self._check(stage), guided)
+        if key not in self._cache:
+            cond = per_stage[stage].repeat_interleave(self.num_images_per_prompt, dim=0)
             if guided:
-                cond = torch.cat([self.negative_embeds.repeat_interleave(self.num_images_per_prompt, dim=0), cond])
-            self._batched[key] = cond
-        return self._batched[key]
+                cond = torch.cat([negative.repeat_interleave(self.num_images_per_prompt, dim=0), cond])
+            self._cache[key] = cond
+        return self._cache[key]
 
     def callback_fn(self, pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
         self.trace.append((float(timestep), self._current))
@@ -109,7 +129,12 @@ class StageSwitch(PipelineCallback):
         if following < len(timesteps):
             stage = self.stage_map.stage(timesteps[following])
             if stage != self._current:  # a user's callback may change the embeddings within a stage
-                callback_kwargs["prompt_embeds"] = self._embeds(stage, pipeline.do_classifier_free_guidance)
+                guided = pipeline.do_classifier_free_guidance
+                callback_kwargs["prompt_embeds"] = self._batched("hidden", self.stage_embeds, self.negative_embeds,
+                                                                 stage, guided)
+                if self.stage_pooled is not None:
+                    callback_kwargs["add_text_embeds"] = self._batched("pooled", self.stage_pooled,
+                                                                       self.negative_pooled, stage, guided)
                 self._current = stage
         return callback_kwargs
 

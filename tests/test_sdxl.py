@@ -1,0 +1,75 @@
+"""SDXL generation (issue #15, part 1): the stage switch carries both encoders' hidden states and the pooled
+embedding; with one prompt everywhere the images are stock SDXL's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline
+
+from prospect.pipeline import ProSpectPipeline
+from prospect.stages import stage_of
+from test_pipeline import WORDS, _gen, _image
+
+STEPS = 20
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"])
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_same_prompt_everywhere_equals_stock_sdxl(tiny_sdxl, negative, guidance):
+    kwargs = dict(num_inference_steps=8, guidance_scale=guidance, negative_prompt=negative, output_type="np")
+    stock = tiny_sdxl("a red cube", generator=_gen(3), **kwargs).images
+    ours = ProSpectPipeline(tiny_sdxl)("a red cube", generator=_gen(3), **kwargs)
+    np.testing.assert_allclose(ours.images, stock, atol=1e-5)
+    assert ours.parameters["pipeline"] == "StableDiffusionXLPipeline"
+
+
+def test_same_prompt_everywhere_equals_stock_sdxl_img2img(tiny_sdxl):
+    kwargs = dict(image=_image(), strength=0.6, num_inference_steps=8, guidance_scale=5.0, output_type="np")
+    stock = StableDiffusionXLImg2ImgPipeline(**tiny_sdxl.components)("a red cube", generator=_gen(1), **kwargs).images
+    ours = ProSpectPipeline(tiny_sdxl)("a red cube", generator=_gen(1), **kwargs).images
+    np.testing.assert_allclose(ours, stock, atol=1e-5)
+
+
+class XLSpy:
+    """(timestep, encoder_hidden_states, pooled text embeds) of every UNet call."""
+
+    def __init__(self, unet):
+        self.calls = []
+        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.calls.append((float(t), kwargs["encoder_hidden_states"].clone(),
+                           kwargs["added_cond_kwargs"]["text_embeds"].clone()))
+
+
+@pytest.mark.parametrize("img2img", [False, True])
+def test_hidden_states_and_pooled_embedding_switch_at_the_stage_boundaries(tiny_sdxl, img2img):
+    pp = ProSpectPipeline(tiny_sdxl)
+    spy = XLSpy(tiny_sdxl.unet)
+    kwargs = dict(image=_image(), strength=0.7) if img2img else {}
+    result = pp("*", prospect_words=WORDS, num_inference_steps=STEPS, guidance_scale=5.0, generator=_gen(), **kwargs)
+    spy.handle.remove()
+    embeds, _, pooled, _ = tiny_sdxl.encode_prompt(WORDS, device="cpu", num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=False)
+    assert len(spy.calls) == len(result.timesteps)
+    seen = set()
+    for t, states, text_embeds in spy.calls:
+        k = stage_of(t)
+        seen.add(k)
+        assert states.shape[0] == 2 and text_embeds.shape[0] == 2  # the negative (zeros, as stock) first
+        torch.testing.assert_close(states[1], embeds[k])
+        torch.testing.assert_close(text_embeds[1], pooled[k])
+        assert all(not torch.allclose(text_embeds[1], pooled[j]) for j in range(10) if j != k)
+        assert not states[0].any() and not text_embeds[0].any()
+    assert len(seen) >= (6 if img2img else 9)
+
+
+def test_an_sdxl_concept_is_refused_in_one_line(tiny_sdxl):
+    from prospect.concept import Concept
+
+    with pytest.raises(ValueError, match="SDXL") as info:
+        ProSpectPipeline(tiny_sdxl).load_concept(Concept(embeddings=torch.randn(10, 32)))
+    assert "\n" not in str(info.value)
