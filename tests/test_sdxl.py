@@ -73,3 +73,21 @@ def test_an_sdxl_concept_is_refused_in_one_line(tiny_sdxl):
     with pytest.raises(ValueError, match="SDXL") as info:
         ProSpectPipeline(tiny_sdxl).load_concept(Concept(embeddings=torch.randn(10, 32)))
     assert "\n" not in str(info.value)
+
+
+def test_the_cli_generates_from_an_sdxl_folder_and_refuses_to_train_on_it(tiny_sdxl, tmp_path, capsys):
+    from conftest import write_reference_images
+    from prospect.cli import main
+
+    folder = tmp_path / "sdxl"
+    tiny_sdxl.save_pretrained(folder)
+    words = [w for w in WORDS for w in ("--word", w)]
+    assert main(["generate", "--model", str(folder), *words, "--steps", "4", "--scheduler", "euler",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "0-000.png").exists()
+    capsys.readouterr()
+    refs = write_reference_images(tmp_path)
+    assert main(["train", str(refs), "--model", str(folder), "--out", str(tmp_path / "c.safetensors"),
+                 "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SDXL" in err and not (tmp_path / "c.safetensors").exists()

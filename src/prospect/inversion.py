@@ -267,6 +267,9 @@ def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=Non
     if not images:
         raise InversionError("no reference images")
     pipe = getattr(pipe, "pipe", pipe)  # a ProSpectPipeline: its stock pipeline
+    if hasattr(pipe, "text_encoder_2"):
+        raise InversionError("inversion into SDXL's two text encoders is not supported yet; use an SD 1.x/2.x model "
+                             "(SDXL generation with text per stage works)")
     if accelerator is None:
         from accelerate import Accelerator
 

@@ -90,6 +90,17 @@ def _check_folder(path: Path) -> None:
                 raise ModelError(f"{config}: {key} must be an integer, got {json.dumps(value)}; restore it")
 
 
+def _is_sdxl_folder(path: Path) -> bool:
+    """An SDXL diffusers folder (model_index.json names an XL pipeline); its second encoder must be there."""
+    name = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+    if "XL" not in str(name):
+        return False
+    missing = [p for p in ("text_encoder_2", "tokenizer_2") if not (path / p).exists()]
+    if missing:
+        raise ModelError(f"{path} is an SDXL folder without {', '.join(missing)}; restore them")
+    return True
+
+
 def load_pipeline(
     model: str | Path | None = None,
     torch_dtype: torch.dtype | None = None,
@@ -112,8 +123,15 @@ def load_pipeline(
         kwargs["dtype"] = torch_dtype
     if path.is_dir():
         _check_folder(path)
+        xl = _is_sdxl_folder(path)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
+            if xl:  # SDXL: two text encoders, no safety checker
+                from diffusers import StableDiffusionXLPipeline
+
+                pipe = StableDiffusionXLPipeline.from_pretrained(
+                    path, **{k: v for k, v in kwargs.items() if "safety" not in k})
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
             raise ModelError(f"cannot load the model folder {path}: {str(err).splitlines()[0]}") from err
     else:
