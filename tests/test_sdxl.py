@@ -91,3 +91,21 @@ def test_the_cli_generates_from_an_sdxl_folder_and_refuses_to_train_on_it(tiny_s
                  "--steps", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "SDXL" in err and not (tmp_path / "c.safetensors").exists()
+
+
+def test_sdxl_inpainting_equals_stock_and_several_images_need_no_deprecated_duplication(tiny_sdxl):
+    import warnings
+
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from test_stage_switch import _mask
+
+    kwargs = dict(image=_image(), mask_image=_mask(), strength=0.8, num_inference_steps=8, guidance_scale=5.0,
+                  output_type="np")
+    stock = StableDiffusionXLInpaintPipeline(**tiny_sdxl.components)("a red cube", generator=_gen(2), **kwargs).images
+    pp = ProSpectPipeline(tiny_sdxl)
+    np.testing.assert_allclose(pp("a red cube", generator=_gen(2), **kwargs).images, stock, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = pp("a red cube", image=_image(), strength=0.6, num_inference_steps=8, num_images_per_prompt=2,
+                 generator=_gen(1), output_type="np").images
+    assert out.shape[0] == 2 and not np.allclose(out[0], out[1])
