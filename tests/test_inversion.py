@@ -196,3 +196,35 @@ def test_invert_is_setup_then_its_steps(clip_tokenizer_dir):
     torch.testing.assert_close(run.rows(), learned.embeddings, rtol=0, atol=0)
     assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in frozen.items())
     assert pipe.text_encoder.get_input_embeddings() is run.layer and run.layer.base is run.base
+
+
+def test_min_snr_weights_follow_the_prediction_type(tiny_pipe):
+    from diffusers import DDPMScheduler
+
+    from prospect.inversion import _min_snr_weights
+
+    t = torch.tensor([0, 300, 600, 999])
+    for kind in ("epsilon", "v_prediction"):
+        sched = DDPMScheduler.from_config(tiny_pipe.scheduler.config, prediction_type=kind)
+        alphas = sched.alphas_cumprod[t]
+        snr = alphas / (1 - alphas)
+        w = _min_snr_weights(sched, t, 5.0)
+        expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if kind == "v_prediction" else snr)
+        torch.testing.assert_close(w, expected.float())
+        assert (w <= 1 + 1e-6).all()
+        if kind == "epsilon":  # clipped where the image is nearly clean, full weight where it is noisy
+            assert w[0] < 0.05 and w[-1] == 1
+        else:  # v: the noisy end weighs little (zero-terminal-SNR schedules: nothing at t = T-1)
+            assert w[-1] < w[1]
+
+
+def test_min_snr_weighting_changes_training_and_off_keeps_it_bit_equal(clip_tokenizer_dir):
+    from conftest import build_tiny_pipeline
+    from prospect.distributed import Solo
+
+    base = InversionConfig(steps=3, batch_size=10, checkpoint_every=0)  # every stage in every step
+    a = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), base, progress=False, accelerator=Solo())
+    b = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), base, progress=False, accelerator=Solo())
+    c = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), InversionConfig(**{**base.__dict__, "snr_gamma": 5.0}),
+               progress=False, accelerator=Solo())
+    assert torch.equal(a.embeddings, b.embeddings) and not torch.equal(a.embeddings, c.embeddings)

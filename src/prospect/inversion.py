@@ -62,6 +62,9 @@ class InversionConfig:
         "help": "probability of a horizontal flip (a flip mirrors the layout, which is an attribute; 0.5 as the "
                 "official code for symmetric subjects)"})
     # 0, not the official 0.5: a flip mirrors the layout, which ProSpect transfers (left becomes right)
+    snr_gamma: float = field(default=0.0, metadata={
+        "help": "min-SNR loss weighting with this gamma (Hang et al. 2023; 5 is usual; 0 = off, every timestep "
+                "weighs the same)"})
     templates: Sequence[str] = field(default=("{}",), metadata={
         "flag": "--template", "action": "append", "help": "caption template with {} (repeatable; default '{}')"})
     stratified: bool = field(default=True, metadata={
@@ -93,7 +96,7 @@ def check_config(cfg: InversionConfig) -> None:
             raise InversionError(f"{name} must be an integer >= 0 (0 = {never}), got {value!r}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, Integral) or not 0 <= cfg.seed < 2 ** 63:
         raise InversionError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}")
-    for name in ("lr", "flip_p"):
+    for name in ("lr", "flip_p", "snr_gamma"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, Real):
             raise InversionError(f"{name} must be a number, got {type(value).__name__} {value!r}")
@@ -116,6 +119,8 @@ def check_config(cfg: InversionConfig) -> None:
         raise InversionError(f"parameterization must be 'free' or 'shared', got {cfg.parameterization!r}")
     if not 0.0 <= cfg.flip_p <= 1.0:  # also catches NaN
         raise InversionError(f"flip_p must be a probability in [0, 1], got {cfg.flip_p}")
+    if not 0 <= cfg.snr_gamma < float("inf"):  # also catches NaN
+        raise InversionError(f"snr_gamma must be a finite number >= 0 (0 = off), got {cfg.snr_gamma}")
     if not 0 <= cfg.lr <= MAX_LR:  # also catches NaN; torch's optimisers overflow on lr > 3.4e38
         raise InversionError(f"lr must be a finite number in [0, {MAX_LR:g}], got {cfg.lr}")
     if not cfg.templates:
@@ -180,7 +185,10 @@ class _ConceptRows(torch.nn.Module):
 
 def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
     """Identifies the data and settings a checkpoint belongs to (resume refuses a mismatch)."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every")},
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every")}
+    if not settings["snr_gamma"]:  # off: the fingerprint of checkpoints written before the option existed
+        del settings["snr_gamma"]
+    h = hashlib.sha256(json.dumps(settings,
                                   sort_keys=True, default=list).encode())
     for im in images:
         h.update(im.tobytes())
@@ -316,7 +324,12 @@ def step(run: Inversion, index: int) -> StepLog:
         cond = states[torch.tensor([unique.index(k) for k in keys], device=device)]
         noisy = run.sched.add_noise(x0, d["noise"], d["t"])
         pred = pipe.unet(noisy.to(unet_dtype), d["t"], encoder_hidden_states=cond.to(unet_dtype)).sample
-    loss = F.mse_loss(pred.float(), _target(run.sched, x0, d["noise"], d["t"]).float())
+    target = _target(run.sched, x0, d["noise"], d["t"]).float()
+    if cfg.snr_gamma:  # min-SNR: each sample weighted by min(SNR, gamma) / (SNR + 1 for v, SNR for eps, 1 for x0)
+        loss = (_min_snr_weights(run.sched, d["t"], cfg.snr_gamma)
+                * F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))).mean()
+    else:
+        loss = F.mse_loss(pred.float(), target)
     loss_all = acc.reduce(loss.detach(), "mean") if world > 1 else loss.detach()
     if torch.isfinite(loss_all):
         run.opt.zero_grad(set_to_none=True)
@@ -326,6 +339,19 @@ def step(run: Inversion, index: int) -> StepLog:
                 param.grad = acc.reduce(param.grad, "mean")
         run.opt.step()
     return StepLog(index, loss_all.item(), [k for k, _ in keys])
+
+
+def _min_snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights of timesteps ``t`` for the scheduler's prediction type (as diffusers' scripts)."""
+    alphas = sched.alphas_cumprod.to(t.device)[t].float()
+    snr = alphas / (1 - alphas).clamp(min=1e-12)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    kind = sched.config.prediction_type
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    if kind == "epsilon":
+        return clipped / snr.clamp(min=1e-12)
+    return clipped
 
 
 def invert(
