@@ -30,13 +30,14 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--references", type=int, default=4)
     p.add_argument("--images", type=int, default=8)
+    p.add_argument("--steps", type=int, default=BASE.steps, help="inversion steps (a smoke run: a few)")
     args = p.parse_args(argv)
     pp = ProSpectPipeline.from_pretrained()
     pp.pipe.set_progress_bar_config(disable=True)
     print(f"| setting | {' | '.join(world.ATTRIBUTES)} | all | s / reference |\n|---" + "|---" * (len(world.ATTRIBUTES) + 2) + "|")
     for setting in args.setting:
         fields = dict(kv.split("=") for kv in setting.split(","))
-        cfg = replace(BASE, seed=args.seed, **{k: type(getattr(BASE, k))(v) for k, v in fields.items()})
+        cfg = replace(BASE, seed=args.seed, steps=args.steps, **{k: type(getattr(BASE, k))(v) for k, v in fields.items()})
         hits = {a: 0 for a in world.ATTRIBUTES}
         every, n, seconds = 0, 0, 0.0
         for r in range(args.references):

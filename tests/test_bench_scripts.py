@@ -72,3 +72,11 @@ def test_inversion_quick_prints_ratio_memory_and_levers(bench, tiny_model_dir, c
                   "weight gradients computed (not frozen)"):
         assert math.isfinite(_number(_row(out, lever)[-1])), lever
     assert _row(out, "torch.compile(unet)")[0].startswith("not measured")
+
+
+def test_reconstruction_pilot_prints_a_row_per_setting(bench, capsys):
+    bench("reconstruction_pilot").main(["--setting", "snr_gamma=0", "--setting", "snr_gamma=5,lr=0.01",
+                                        "--references", "1", "--images", "2", "--steps", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| snr_gamma")]
+    assert len(rows) == 2 and all(len(r.split("|")) == 10 for r in rows)
+    assert all(0 <= float(cell) <= 1 for r in rows for cell in r.split("|")[2:8])
