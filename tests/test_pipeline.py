@@ -64,15 +64,18 @@ def test_img2img_several_images_per_prompt_equals_stock_without_deprecated_dupli
 
 
 class UNetSpy:
-    """Records (timestep, encoder_hidden_states) of every UNet call via a forward pre-hook."""
+    """Records (timestep, encoder_hidden_states) of every UNet call via a forward pre-hook, and in ``pooled``
+    SDXL's pooled text embedding of each call (None for SD 1.x/2.x)."""
 
     def __init__(self, unet):
-        self.calls = []
+        self.calls, self.pooled = [], []
         self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         self.calls.append((float(t), kwargs["encoder_hidden_states"].detach().clone()))
+        pooled = (kwargs.get("added_cond_kwargs") or {}).get("text_embeds")
+        self.pooled.append(None if pooled is None else pooled.detach().clone())
 
 
 def _encode(pipe, text):

@@ -10,7 +10,7 @@ from diffusers import StableDiffusionXLImg2ImgPipeline
 
 from prospect.pipeline import ProSpectPipeline
 from prospect.stages import stage_of
-from test_pipeline import WORDS, _gen, _image
+from test_pipeline import WORDS, UNetSpy, _gen, _image
 
 STEPS = 20
 
@@ -32,23 +32,10 @@ def test_same_prompt_everywhere_equals_stock_sdxl_img2img(tiny_sdxl):
     np.testing.assert_allclose(ours, stock, atol=1e-5)
 
 
-class XLSpy:
-    """(timestep, encoder_hidden_states, pooled text embeds) of every UNet call."""
-
-    def __init__(self, unet):
-        self.calls = []
-        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        self.calls.append((float(t), kwargs["encoder_hidden_states"].clone(),
-                           kwargs["added_cond_kwargs"]["text_embeds"].clone()))
-
-
 @pytest.mark.parametrize("img2img", [False, True])
 def test_hidden_states_and_pooled_embedding_switch_at_the_stage_boundaries(tiny_sdxl, img2img):
     pp = ProSpectPipeline(tiny_sdxl)
-    spy = XLSpy(tiny_sdxl.unet)
+    spy = UNetSpy(tiny_sdxl.unet)
     kwargs = dict(image=_image(), strength=0.7) if img2img else {}
     result = pp("*", prospect_words=WORDS, num_inference_steps=STEPS, guidance_scale=5.0, generator=_gen(), **kwargs)
     spy.handle.remove()
@@ -56,7 +43,7 @@ def test_hidden_states_and_pooled_embedding_switch_at_the_stage_boundaries(tiny_
                                                    do_classifier_free_guidance=False)
     assert len(spy.calls) == len(result.timesteps)
     seen = set()
-    for t, states, text_embeds in spy.calls:
+    for (t, states), text_embeds in zip(spy.calls, spy.pooled):
         k = stage_of(t)
         seen.add(k)
         assert states.shape[0] == 2 and text_embeds.shape[0] == 2  # the negative (zeros, as stock) first

@@ -313,14 +313,14 @@ def _validator(pp, args, folder: Path):
 
 
 def _words(args):
-    from .spectrum import SpectrumError, load_prospect_words
+    from .spectrum import SpectrumError, load_prospect_words, parse_entries
 
     if args.prospect_words and args.word:
         raise SpectrumError("give --prospect-words FILE or --word entries, not both")
     if args.prospect_words:
         return load_prospect_words(args.prospect_words)
     if args.word:
-        return [int(w) if w.lstrip("-").isdigit() else w for w in args.word]
+        return parse_entries(args.word)
     return None
 
 
@@ -442,9 +442,9 @@ def cmd_export(args) -> None:
 
 def _export_name(concept_file: str) -> str:
     """The default export name: the concept file's name, in the characters A1111 prompts and file names take."""
-    import re
+    from .files import safe_name
 
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", Path(concept_file).name.removesuffix(".safetensors")).strip("-") or "prospect"
+    return safe_name(Path(concept_file).name.removesuffix(".safetensors")) or "prospect"
 
 
 def cmd_info(args) -> None:

@@ -42,11 +42,6 @@ def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
     return list(items[rank::world])
 
 
-def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per image: image k draws from seed + k, whichever process makes it."""
-    return [torch.Generator(device="cpu").manual_seed(seed + k) for k in indices]
-
-
 def seeded_calls(pp, prompts: Sequence[str], seeds: Sequence[int], batch_size: int = 1, state=None,
                  **call) -> Iterator[tuple[int, GenerationResult]]:
     """Image i is ``prompts[i]`` drawn from its own generator seeded ``seeds[i]``: (first index, result) per call

@@ -106,3 +106,11 @@ def new_folders_undone_on_failure(folder: str | Path):
             except OSError:
                 break
         raise
+
+
+def safe_name(text: str) -> str:
+    """``text`` in the characters every file system, A1111 prompt and ComfyUI name take (letters, digits, - and
+    _; other runs become one -), or "" when nothing is left."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")

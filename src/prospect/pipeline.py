@@ -31,7 +31,7 @@ from PIL import Image
 from .concept import Concept, add_concept
 from .data import MAX_SIDE
 from .spectrum import build_spectrum
-from .stage_switch import StageSwitch
+from .stage_switch import StageSwitch, denoised_timesteps
 from .stages import StageMap
 
 MAX_IMAGES = 10_000  # per call
@@ -194,7 +194,7 @@ class ProSpectPipeline:
         pipeline = pipeline or self.pipe
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         texts = [self.stage_prompts(p, prospect_words, cfg.num_inference_steps) for p in prompts]
-        reached = _timesteps(pipeline, cfg.num_inference_steps, strength)
+        reached = denoised_timesteps(pipeline, cfg.num_inference_steps, strength)
         return StageSwitch.encode(pipeline, texts, cfg.negative_prompt, self.stage_map,
                                   self.stage_map.stages(reached), cfg.num_images_per_prompt, clip_skip)
 
@@ -271,24 +271,6 @@ class ProSpectPipeline:
         vae = stock.vae
         encoded = retrieve_latents(vae.encode(pixels.to(stock._execution_device, vae.dtype)), generator=generator)
         return (vae.config.scaling_factor * encoded).repeat(batch, 1, 1, 1)
-
-    @staticmethod
-    def check_arguments(image, strength, height, width, steps, guidance_scale, num_images,
-                        num_train_timesteps: int = 1000) -> None:
-        """``GenerationConfig.check`` of these settings (kept for callers of the earlier API)."""
-        GenerationConfig(num_inference_steps=steps, guidance_scale=guidance_scale, strength=strength, height=height,
-                         width=width, num_images_per_prompt=num_images).check(image is not None, num_train_timesteps)
-
-
-def _timesteps(pipe, steps: int, strength: float | None) -> torch.Tensor:
-    """The timesteps ``pipe``'s ``__call__`` will denoise: all (txt2img) or the last ``strength`` share."""
-    pipe.scheduler.set_timesteps(steps, device="cpu")
-    if strength is None or not hasattr(pipe, "get_timesteps"):
-        return pipe.scheduler.timesteps
-    timesteps, _ = pipe.get_timesteps(steps, strength, "cpu")
-    if len(timesteps) == 0:
-        raise ValueError(f"strength {strength} with {steps} steps denoises nothing; raise strength or steps")
-    return timesteps
 
 
 def _resized(stock, image, height, width):

@@ -351,6 +351,11 @@ def build_spectrum(
 MAX_WORDS_BYTES = 1 << 20
 
 
+def parse_entries(entries: Sequence[str]) -> list[str | int]:
+    """Typed prospect_words entries (``--word``, the web app's stage rows): an integer is that stage's token."""
+    return [int(e) if re.fullmatch(r"\s*-?\d+\s*", e) else e for e in entries]
+
+
 def load_prospect_words(path: str | Path) -> list[str | int]:
     """Read prospect_words from a JSON or YAML file: a list, or {"prospect_words": [...]}."""
     import yaml

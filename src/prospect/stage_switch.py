@@ -27,6 +27,19 @@ from diffusers.callbacks import PipelineCallback
 from .stages import StageMap
 
 
+def denoised_timesteps(pipe, num_inference_steps: int, strength: float | None = None) -> torch.Tensor:
+    """The timesteps ``pipe``'s ``__call__`` will denoise, as it computes them: all (txt2img), or with a
+    ``strength`` the last share (img2img, inpainting)."""
+    pipe.scheduler.set_timesteps(num_inference_steps, device="cpu")
+    if strength is None or not hasattr(pipe, "get_timesteps"):
+        return pipe.scheduler.timesteps
+    timesteps, _ = pipe.get_timesteps(num_inference_steps, strength, "cpu")
+    if len(timesteps) == 0:
+        raise ValueError(f"strength {strength} with {num_inference_steps} steps denoises nothing; raise strength "
+                         "or steps")
+    return timesteps
+
+
 class StageSwitch(PipelineCallback):
     """Holds per-stage prompt embeddings and puts the right one in place before each step."""
 
@@ -83,21 +96,10 @@ class StageSwitch(PipelineCallback):
         switch.stage_texts = [list(texts) for texts in stage_texts]
         return switch
 
-    def first_timestep(self, pipe, num_inference_steps: int, strength: float | None = None):
-        """The first timestep ``pipe`` will denoise (as its own ``__call__`` computes it)."""
-        pipe.scheduler.set_timesteps(num_inference_steps, device="cpu")
-        if strength is not None and hasattr(pipe, "get_timesteps"):  # img2img, inpainting: the last share only
-            timesteps, _ = pipe.get_timesteps(num_inference_steps, strength, "cpu")
-            if len(timesteps) == 0:
-                raise ValueError(f"strength {strength} with {num_inference_steps} steps denoises nothing; "
-                                 "raise strength or steps")
-            return timesteps[0]
-        return pipe.scheduler.timesteps[0]
-
     def start(self, pipe, num_inference_steps: int, strength: float | None = None) -> dict[str, torch.Tensor]:
         """``prompt_embeds`` and ``negative_prompt_embeds`` for the stock ``__call__``: the first timestep's stage."""
         self.trace = []
-        self._current = self.stage_map.stage(self.first_timestep(pipe, num_inference_steps, strength))
+        self._current = self.stage_map.stage(denoised_timesteps(pipe, num_inference_steps, strength)[0])
         embeds = {"prompt_embeds": self.stage_embeds[self._check(self._current)]}
         if self.negative_embeds is not None:
             embeds["negative_prompt_embeds"] = self.negative_embeds

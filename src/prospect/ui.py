@@ -11,9 +11,11 @@ others wait in Gradio's queue. Bad input shows the same one-line error as the co
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Callable
+
+from .files import safe_name
+from .spectrum import parse_entries as parse_rows  # a stage row that is an integer is that stage's token
 
 MAX_ROWS = 20  # stage rows the editor can show (a concept's N; 10 by default)
 PRESETS = ("material", "style", "content", "layout", "custom")
@@ -35,14 +37,9 @@ def preset_rows(preset: str, num_stages: int, split: int, concept_prompt: str, t
     return [concept_prompt if inside(i) else text_prompt for i in range(num_stages)]
 
 
-def parse_rows(rows: list[str]) -> list[str | int]:
-    """Stage rows as prospect_words: a row that is an integer is that stage's token (as ``--word``)."""
-    return [int(r) if re.fullmatch(r"-?\d+", r.strip()) else r for r in rows]
-
-
 def concept_name(text: str) -> str:
     """A concept file name from what the user typed (letters, digits, - and _)."""
-    name = re.sub(r"[^A-Za-z0-9_-]+", "-", text.strip()).strip("-")
+    name = safe_name(text)
     if not name:
         raise ValueError("give the concept a name (letters, digits, - or _)")
     return name
