@@ -20,6 +20,7 @@ from prospect.loading import CONFIG_DIR  # noqa: E402
 SHIPPED_TOKENIZER = CONFIG_DIR / "sd-v1" / "tokenizer"
 
 TINY_DIM = 32  # text hidden size = UNet cross-attention dim
+TINY_DIM_2 = 48  # the tiny SDXL's second text encoder (its own width, as clip_g's 1280 is not clip_l's 768)
 
 
 def write_reference_images(folder: Path, n: int = 2) -> Path:
@@ -151,19 +152,24 @@ def build_tiny_sdxl(tokenizer_dir: Path, seed: int = 0):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=4, transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 4 + TINY_DIM, cross_attention_dim=2 * TINY_DIM, norm_num_groups=4,
+        projection_class_embeddings_input_dim=6 * 4 + TINY_DIM_2, cross_attention_dim=TINY_DIM + TINY_DIM_2,
+        norm_num_groups=4,
     )
     vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3,
                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
                         norm_num_groups=4, sample_size=16)
-    config = CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=TINY_DIM,
-                            intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2,
-                            vocab_size=49408, max_position_embeddings=77, projection_dim=TINY_DIM, hidden_act="gelu")
+
+    def text_config(width: int):
+        return CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=width,
+                              intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2,
+                              vocab_size=49408, max_position_embeddings=77, projection_dim=width, hidden_act="gelu")
+
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(
-        vae=vae.eval(), text_encoder=CLIPTextModel(config).eval(), text_encoder_2=CLIPTextModelWithProjection(config).eval(),
+        vae=vae.eval(), text_encoder=CLIPTextModel(text_config(TINY_DIM)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(TINY_DIM_2)).eval(),
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir), tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_dir),
         unet=unet.eval(), scheduler=scheduler,
     )

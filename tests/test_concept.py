@@ -201,9 +201,13 @@ def test_metadata_inconsistencies_refused(tmp_path):
         Concept.load(write({**c.metadata(), "num_stages": "4"}))
     with pytest.raises(ConceptError, match="not an integer"):
         Concept.load(write({**c.metadata(), "dim": "four"}))
-    with pytest.raises(ConceptError, match="format version 3"):
-        Concept.load(write({**c.metadata(), "format_version": "3"}))
-    with pytest.raises(ConceptError, match="exactly one tensor"):
+    with pytest.raises(ConceptError, match="format version 4"):
+        Concept.load(write({**c.metadata(), "format_version": "4"}))
+    with pytest.raises(ConceptError, match="unknown model family 'flux'"):
+        Concept.load(write({**c.metadata(), "family": "flux"}))
+    with pytest.raises(ConceptError, match=r"exactly the tensors \['clip_l', 'clip_g'\] \(SDXL"):
+        Concept.load(write({**c.metadata(), "family": "sdxl"}))
+    with pytest.raises(ConceptError, match="exactly the tensors"):
         Concept.load(write(c.metadata(), {"embeddings": c.embeddings, "extra": torch.zeros(1)}))
     with pytest.raises(ConceptError, match="placeholder"):
         Concept.load(write({**c.metadata(), "placeholder": ""}))
@@ -423,9 +427,17 @@ def test_from_textual_inversion(tmp_path):
 
     with pytest.raises(ConceptError, match="expected 1 or num_stages=10"):
         Concept.from_textual_inversion(tmp_path / "charturner.safetensors")
-    safetensors.torch.save_file({"clip_l": many, "clip_g": many.clone()}, tmp_path / "sdxl.safetensors")
-    with pytest.raises(ConceptError, match="single-encoder"):
+    # An SDXL embedding (A1111 / diffusers' SDXL convention) becomes an SDXL concept, clip_l first.
+    wide = torch.randn(4, 48)
+    safetensors.torch.save_file({"clip_g": wide, "clip_l": many}, tmp_path / "sdxl.safetensors")
+    xl = Concept.from_textual_inversion(tmp_path / "sdxl.safetensors", num_stages=4)
+    assert xl.family == "sdxl" and xl.placeholder == "sdxl"
+    assert torch.equal(xl.embeddings, many.float()) and torch.equal(xl.embeddings_2, wide)
+    with pytest.raises(ConceptError, match="expected 1 or num_stages=10"):
         Concept.from_textual_inversion(tmp_path / "sdxl.safetensors")
+    safetensors.torch.save_file({"clip_l": many, "other": many.clone()}, tmp_path / "odd.safetensors")
+    with pytest.raises(ConceptError, match="single-encoder"):
+        Concept.from_textual_inversion(tmp_path / "odd.safetensors")
 
     # A per-stage diffusers export imports back stage by stage.
     orig = make_concept(num_stages=3)

@@ -65,17 +65,19 @@ def test_img2img_several_images_per_prompt_equals_stock_without_deprecated_dupli
 
 class UNetSpy:
     """Records (timestep, encoder_hidden_states) of every UNet call via a forward pre-hook, and in ``pooled``
-    SDXL's pooled text embedding of each call (None for SD 1.x/2.x)."""
+    SDXL's pooled text embedding of each call, in ``time_ids`` its size conditioning (None for SD 1.x/2.x)."""
 
     def __init__(self, unet):
-        self.calls, self.pooled = [], []
+        self.calls, self.pooled, self.time_ids = [], [], []
         self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
         t = args[1] if len(args) > 1 else kwargs["timestep"]
-        self.calls.append((float(t), kwargs["encoder_hidden_states"].detach().clone()))
-        pooled = (kwargs.get("added_cond_kwargs") or {}).get("text_embeds")
-        self.pooled.append(None if pooled is None else pooled.detach().clone())
+        t = float(t) if torch.as_tensor(t).numel() == 1 else torch.as_tensor(t).tolist()  # a training batch: a list
+        self.calls.append((t, kwargs["encoder_hidden_states"].detach().clone()))
+        added = kwargs.get("added_cond_kwargs") or {}
+        for name, seen in (("text_embeds", self.pooled), ("time_ids", self.time_ids)):
+            seen.append(None if added.get(name) is None else added[name].detach().clone())
 
 
 def _encode(pipe, text):

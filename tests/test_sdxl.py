@@ -3,6 +3,8 @@ embedding; with one prompt everywhere the images are stock SDXL's."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -54,17 +56,122 @@ def test_hidden_states_and_pooled_embedding_switch_at_the_stage_boundaries(tiny_
     assert len(seen) >= (6 if img2img else 9)
 
 
-def test_an_sdxl_concept_is_refused_in_one_line(tiny_sdxl):
+def _xl_concept(**kwargs):
+    from conftest import TINY_DIM, TINY_DIM_2
     from prospect.concept import Concept
 
-    with pytest.raises(ValueError, match="SDXL") as info:
+    gen = torch.Generator().manual_seed(0)
+    return Concept(embeddings=torch.randn(10, 2, TINY_DIM, generator=gen),
+                   embeddings_2=torch.randn(10, 2, TINY_DIM_2, generator=gen), **kwargs)
+
+
+def test_a_concept_goes_into_both_encoders_and_one_of_the_other_family_is_refused(tiny_sdxl, tiny_pipe):
+    from prospect.concept import Concept, ConceptError
+
+    concept = _xl_concept()
+    pp = ProSpectPipeline(tiny_sdxl)
+    pp.load_concept(concept)
+    for i, (tok, enc) in enumerate([(tiny_sdxl.tokenizer, tiny_sdxl.text_encoder),
+                                    (tiny_sdxl.tokenizer_2, tiny_sdxl.text_encoder_2)]):
+        ids = tok.convert_tokens_to_ids(concept.tokens())
+        torch.testing.assert_close(enc.get_input_embeddings().weight[ids], concept.rows(i), rtol=0, atol=0)
+    # the stage token of each stage reaches the UNet through both encoders and the pooled embedding
+    spy = UNetSpy(tiny_sdxl.unet)
+    result = pp("a photo of *", num_inference_steps=STEPS, guidance_scale=1.0, generator=_gen())
+    spy.handle.remove()
+    embeds, _, pooled, _ = tiny_sdxl.encode_prompt([f"a photo of {concept.prompt_text(k)}" for k in range(10)],
+                                                   device="cpu", do_classifier_free_guidance=False)
+    for (t, states), text_embeds in zip(spy.calls, spy.pooled):
+        torch.testing.assert_close(states[0], embeds[stage_of(t)])
+        torch.testing.assert_close(text_embeds[0], pooled[stage_of(t)])
+    assert len(result.images) == 1
+
+    with pytest.raises(ConceptError) as info:
         ProSpectPipeline(tiny_sdxl).load_concept(Concept(embeddings=torch.randn(10, 32)))
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "SD 1.x/2.x" in str(info.value) and "but the model is SDXL" in str(info.value)
+    with pytest.raises(ConceptError) as info:
+        ProSpectPipeline(tiny_pipe).load_concept(concept)
+    assert "is an SDXL (two text encoders) concept (32 + 48 wide) but the model is SD 1.x/2.x" in str(info.value)
 
 
-def test_the_cli_generates_from_an_sdxl_folder_and_refuses_to_train_on_it(tiny_sdxl, tmp_path, capsys):
+def test_an_sdxl_concept_file_round_trips_as_format_version_3(tmp_path):
+    from prospect.concept import Concept
+
+    concept = _xl_concept(placeholder="<teddy>", initializer="bear")
+    path = concept.save(tmp_path / "c.safetensors")
+    back = Concept.load(path)
+    assert back.family == "sdxl" and back.format_version == 3 and back.vectors_per_stage == 2
+    assert torch.equal(back.embeddings, concept.embeddings) and torch.equal(back.embeddings_2, concept.embeddings_2)
+    meta = back.metadata()
+    assert (meta["family"], meta["dim"], meta["dim_2"], meta["format_version"]) == ("sdxl", "32", "48", "3")
+    one = Concept(embeddings=concept.embeddings[:, 0], embeddings_2=concept.embeddings_2[:, 0])
+    assert Concept.load(one.save(tmp_path / "one.safetensors")).embeddings_2.shape == (10, 48)
+    with pytest.raises(ValueError, match="must have the stages and vectors"):
+        Concept(embeddings=concept.embeddings, embeddings_2=concept.embeddings_2[:4])
+
+
+def _sizes(n=2):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)  # two sizes, so the size conditioning differs per image
+    return [Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_inversion_learns_the_rows_of_both_encoders_and_nothing_else(clip_tokenizer_dir):
+    from conftest import build_tiny_sdxl
+    from prospect.distributed import Solo
+    from prospect.inversion import InversionConfig, invert, setup
+
+    pipe = build_tiny_sdxl(clip_tokenizer_dir)
+    frozen = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+              for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    cfg = InversionConfig(steps=2, batch_size=10, lr=0.05, vectors_per_stage=2, checkpoint_every=0, initializer="cat")
+    start = setup(build_tiny_sdxl(clip_tokenizer_dir), _sizes(), cfg, Solo()).concept
+    spy = UNetSpy(pipe.unet)
+    concept = invert(pipe, _sizes(), cfg, progress=False, accelerator=Solo())
+    spy.handle.remove()
+    assert concept.family == "sdxl" and concept.embeddings_2.shape == (10, 2, 48)
+    assert (concept.embeddings - start.embeddings).abs().amax(-1).min() > 0  # every row of both encoders moved
+    assert (concept.embeddings_2 - start.embeddings_2).abs().amax(-1).min() > 0
+    for name, before in frozen.items():
+        after = getattr(pipe, name).state_dict()
+        for key, value in before.items():
+            if key.endswith("token_embedding.weight"):  # the old vocabulary is bit-identical, the new rows are the concept's
+                i = 1 if name == "text_encoder_2" else 0
+                tok = pipe.tokenizer_2 if i else pipe.tokenizer
+                assert torch.equal(after[key][: len(value)], value)
+                ids = tok.convert_tokens_to_ids(concept.tokens())
+                assert torch.equal(after[key][ids], concept.rows(i))
+            else:
+                assert torch.equal(after[key], value), f"{name}.{key} changed"
+    # the UNet saw each image's size and crop: (h, w, top, left, target h, target w)
+    res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    time_ids = {tuple(int(v) for v in row) for row in torch.cat(spy.time_ids)}
+    left = round((48 * res / 40 - res) / 2)  # the 40x48 image, resized to res on its short side, loses 2 px a side
+    assert time_ids == {(40, 48, 0, left, res, res), (48, 48, 0, 0, res, res)} and left == 2
+
+
+def test_an_interrupted_sdxl_run_resumes_to_the_uninterrupted_result(clip_tokenizer_dir, tmp_path):
+    from conftest import build_tiny_sdxl
+    from prospect.distributed import Solo
+    from prospect.inversion import InversionConfig, invert
+
+    cfg = InversionConfig(steps=4, batch_size=2, lr=0.05, vectors_per_stage=1, checkpoint_every=2,
+                          parameterization="shared")
+    whole = invert(build_tiny_sdxl(clip_tokenizer_dir), _sizes(), cfg, progress=False, accelerator=Solo())
+    ckpt = tmp_path / "c.ckpt"
+    invert(build_tiny_sdxl(clip_tokenizer_dir), _sizes(), replace(cfg, steps=2), checkpoint=ckpt, progress=False,
+           accelerator=Solo())
+    resumed = invert(build_tiny_sdxl(clip_tokenizer_dir), _sizes(), cfg, checkpoint=ckpt, resume=True, progress=False,
+                     accelerator=Solo())
+    torch.testing.assert_close(resumed.embeddings, whole.embeddings, rtol=0, atol=1e-6)
+    torch.testing.assert_close(resumed.embeddings_2, whole.embeddings_2, rtol=0, atol=1e-6)
+
+
+def test_the_cli_trains_and_generates_on_an_sdxl_folder(tiny_sdxl, tmp_path, capsys):
     from conftest import write_reference_images
     from prospect.cli import main
+    from prospect.concept import Concept
 
     folder = tmp_path / "sdxl"
     tiny_sdxl.save_pretrained(folder)
@@ -72,12 +179,15 @@ def test_the_cli_generates_from_an_sdxl_folder_and_refuses_to_train_on_it(tiny_s
     assert main(["generate", "--model", str(folder), *words, "--steps", "4", "--scheduler", "euler",
                  "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "0-000.png").exists()
-    capsys.readouterr()
     refs = write_reference_images(tmp_path)
-    assert main(["train", str(refs), "--model", str(folder), "--out", str(tmp_path / "c.safetensors"),
-                 "--steps", "2"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "SDXL" in err and not (tmp_path / "c.safetensors").exists()
+    out = tmp_path / "c.safetensors"
+    assert main(["train", str(refs), "--model", str(folder), "--out", str(out), "--steps", "2",
+                 "--vectors-per-stage", "1"]) == 0
+    assert "(10 stages x 32 + 48, placeholder '*')" in capsys.readouterr().out
+    assert Concept.load(out).family == "sdxl"
+    assert main(["generate", "--model", str(folder), "--concept", str(out), "--prompt", "a * cube", "--steps", "4",
+                 "--out", str(tmp_path / "gen")]) == 0
+    assert (tmp_path / "gen" / "0-000.png").exists()
 
 
 def test_sdxl_inpainting_equals_stock_and_several_images_need_no_deprecated_duplication(tiny_sdxl):

@@ -253,7 +253,8 @@ def _train(args, images, out: Path, cfg, accelerator=None):
 def _write_concept(concept, out: Path) -> None:
     concept.save(out)
     vectors = f" x {concept.vectors_per_stage} vectors" if concept.vectors_per_stage > 1 else ""
-    print(f"wrote {out} ({concept.num_stages} stages{vectors} x {concept.dim}, placeholder {concept.placeholder!r})")
+    widths = " + ".join(str(t.shape[-1]) for t in concept.tables)  # SDXL: both encoders' widths
+    print(f"wrote {out} ({concept.num_stages} stages{vectors} x {widths}, placeholder {concept.placeholder!r})")
 
 
 def cmd_train(args) -> None:

@@ -6,10 +6,18 @@ Stage k covers the k-th slice of the training timesteps, so stage 0 holds the sm
 A stage may hold several vectors (``vectors_per_stage`` V, as diffusers' ``--num_vectors``): its
 token then stands for V consecutive prompt tokens ``<*:s3> <*:s3:1> ... <*:s3:V-1>``.
 
-File format (``Concept.save``): a safetensors file with one float32 tensor ``"embeddings"`` of shape
-[num_stages, dim] (format version 1, one vector per stage) or [num_stages, V, dim] (version 2,
-V > 1) and string metadata ``format="prospect-concept"``, ``format_version``, ``num_stages``,
-``vectors_per_stage``, ``dim``, ``num_train_timesteps``, ``placeholder``, ``initializer``, ``base_model``.
+An SDXL concept has each token in both text encoders: ``embeddings`` are its rows in the first
+(CLIP ViT-L, ``clip_l``, 768 wide) and ``embeddings_2`` in the second (OpenCLIP bigG, ``clip_g``, 1280).
+
+File format (``Concept.save``): a safetensors file with float32 tensors and string metadata
+``format="prospect-concept"``, ``format_version``, ``family``, ``num_stages``, ``vectors_per_stage``,
+``dim``, ``num_train_timesteps``, ``placeholder``, ``initializer``, ``base_model``:
+
+- version 1: SD 1.x/2.x, one tensor ``"embeddings"`` [num_stages, dim] (one vector per stage);
+- version 2: SD 1.x/2.x, ``"embeddings"`` [num_stages, V, dim] (V > 1 vectors per stage);
+- version 3: SDXL, ``"clip_l"`` [num_stages, V, dim] and ``"clip_g"`` [num_stages, V, dim_2] (the
+  names of diffusers' and A1111's SDXL embeddings), ``family="sdxl"`` and ``dim_2``.
+
 Pickle-based files (.pt/.bin/.ckpt) are refused: unpickling can run arbitrary code.
 """
 
@@ -30,7 +38,9 @@ from .files import atomic_write_bytes
 from .stages import stage_bounds
 
 FORMAT = "prospect-concept"
-FORMAT_VERSION = 2  # the newest version this code reads; files with one vector per stage are still written as 1
+FORMAT_VERSION = 3  # the newest version this code reads; SD 1.x/2.x files are still written as 1 or 2
+FAMILIES = {"sd": "SD 1.x/2.x (one text encoder)", "sdxl": "SDXL (two text encoders)"}
+SDXL_KEYS = ("clip_l", "clip_g")  # the encoders' names in SDXL embedding files (diffusers, A1111, ComfyUI)
 _MAX_FILE_BYTES = 256 * 2**20  # embedding files are kilobytes; refuse to read whole checkpoints
 _STAGE_ORDER = (
     "stage 0 = smallest timesteps (last denoising steps), stage N-1 = largest (first steps); "
@@ -79,26 +89,37 @@ class Concept:
     initializer: str = ""
     base_model: str = ""  # a name (folder or file name, or the model's hub id), never a local path
     base_model_fingerprint: str = ""  # of the base model's token embeddings (see prospect.loading.fingerprint)
+    embeddings_2: torch.Tensor | None = None  # SDXL: the same tokens' rows in the second text encoder (clip_g)
 
     def __post_init__(self) -> None:
-        """Validate fields and store the embeddings as a detached float32 CPU tensor."""
+        """Validate fields and store the embeddings as detached float32 CPU tensors."""
         check_placeholder(self.placeholder)
-        emb = self.embeddings
-        if not isinstance(emb, torch.Tensor) or emb.ndim not in (2, 3) or 0 in emb.shape:
-            shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-            raise ConceptError(f"embeddings must be a non-empty [num_stages, dim] or [num_stages, V, dim] tensor, got {shape}")
-        if emb.ndim == 3 and emb.shape[1] == 1:  # one vector per stage has one layout only
-            emb = emb[:, 0]
-        if not emb.is_floating_point():
-            raise ConceptError(f"embeddings must be floating-point values, got {str(emb.dtype).replace('torch.', '')}")
-        if not torch.isfinite(emb).all():
-            raise ConceptError("embeddings hold NaN or infinite values; retrain the concept (with a lower lr)")
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < emb.shape[0]:
+        self.embeddings = _checked_table(self.embeddings, "embeddings")
+        if self.embeddings_2 is not None:
+            self.embeddings_2 = _checked_table(self.embeddings_2, "embeddings_2")
+            if self.embeddings_2.shape[:-1] != self.embeddings.shape[:-1]:
+                raise ConceptError(f"embeddings_2 {tuple(self.embeddings_2.shape)} must have the stages and vectors of "
+                                   f"embeddings {tuple(self.embeddings.shape)}")
+        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < self.num_stages:
             raise ConceptError(
-                f"num_train_timesteps {self.num_train_timesteps!r} must be an int >= num_stages {emb.shape[0]}"
+                f"num_train_timesteps {self.num_train_timesteps!r} must be an int >= num_stages {self.num_stages}"
             )
-        self.embeddings = emb.detach().to("cpu", torch.float32).contiguous().clone()
         self.base_model = _shareable_name(self.base_model)
+
+    @property
+    def family(self) -> str:
+        """The model family it belongs to: "sd" (SD 1.x/2.x) or "sdxl" (a row in each of two text encoders)."""
+        return "sd" if self.embeddings_2 is None else "sdxl"
+
+    @property
+    def tables(self) -> list[torch.Tensor]:
+        """The embeddings of each text encoder the concept has rows in, in the model's encoder order."""
+        return [self.embeddings] + ([] if self.embeddings_2 is None else [self.embeddings_2])
+
+    def described(self) -> str:
+        """The family and widths in words, for errors: e.g. "an SDXL (two text encoders) concept (768 + 1280 wide)"."""
+        widths = " + ".join(str(t.shape[-1]) for t in self.tables)
+        return f"{'an' if self.family == 'sdxl' else 'a'} {FAMILIES[self.family]} concept ({widths} wide)"
 
     @property
     def num_stages(self) -> int:
@@ -112,7 +133,10 @@ class Concept:
 
     @property
     def format_version(self) -> int:
-        """The file format version ``save`` writes: 1 for one vector per stage (readable by older versions), else 2."""
+        """The file format version ``save`` writes: SD 1 for one vector per stage (readable by older versions), else 2;
+        SDXL 3."""
+        if self.family == "sdxl":
+            return 3
         return 1 if self.vectors_per_stage == 1 else 2
 
     @property
@@ -120,14 +144,28 @@ class Concept:
         """V, the number of prompt tokens one stage's token stands for."""
         return 1 if self.embeddings.ndim == 2 else self.embeddings.shape[1]
 
-    def stage_vectors(self, stage: int) -> torch.Tensor:
-        """The [V, dim] vectors of one stage."""
+    def stage_vectors(self, stage: int, encoder: int = 0) -> torch.Tensor:
+        """The [V, dim] vectors of one stage (in text encoder ``encoder``: 1 is SDXL's second)."""
         self.token(stage)  # range check
-        return self.embeddings[stage].reshape(self.vectors_per_stage, self.dim)
+        table = self._table(encoder)
+        return table[stage].reshape(self.vectors_per_stage, table.shape[-1])
 
-    def rows(self) -> torch.Tensor:
-        """All vectors as [num_stages * V, dim] rows, in the order of ``tokens()``."""
-        return self.embeddings.reshape(-1, self.dim)
+    def rows(self, encoder: int = 0) -> torch.Tensor:
+        """All vectors as [num_stages * V, dim] rows, in the order of ``tokens()`` (of text encoder ``encoder``)."""
+        table = self._table(encoder)
+        return table.reshape(-1, table.shape[-1])
+
+    def stage_file(self, stage: int) -> dict[str, torch.Tensor]:
+        """One stage as the embedding file A1111, Forge and ComfyUI read: {"emb_params": [V, dim]}, or for
+        SDXL {"clip_l": [V, dim], "clip_g": [V, dim_2]}."""
+        if self.family == "sd":
+            return {"emb_params": self.stage_vectors(stage).clone()}
+        return {key: self.stage_vectors(stage, i).clone() for i, key in enumerate(SDXL_KEYS)}
+
+    def _table(self, encoder: int) -> torch.Tensor:
+        if encoder not in range(len(self.tables)):
+            raise ConceptError(f"{self.described()} has no rows for text encoder {encoder}")
+        return self.tables[encoder]
 
     def token(self, stage: int) -> str:
         """The added token for one stage (its first vector's)."""
@@ -157,13 +195,20 @@ class Concept:
         }
         if self.base_model_fingerprint:
             meta["base_model_fingerprint"] = self.base_model_fingerprint
-        if self.vectors_per_stage > 1:  # version 1 files stay exactly as version-1 readers expect them
+        if self.vectors_per_stage > 1 or self.family == "sdxl":  # version 1 files stay as version-1 readers expect
             meta["vectors_per_stage"] = str(self.vectors_per_stage)
+        if self.family == "sdxl":  # older readers refuse version 3 by its number
+            meta.update(family="sdxl", dim_2=str(self.embeddings_2.shape[-1]))
         return meta
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the concept atomically as safetensors; returns the path."""
-        data = safetensors.torch.save({"embeddings": self.embeddings}, metadata=self.metadata())
+        if self.family == "sd":
+            tensors = {"embeddings": self.embeddings}
+        else:  # always [N, V, dim]: a reader need not guess whether a middle axis is there
+            shape = (self.num_stages, self.vectors_per_stage, -1)
+            tensors = {key: t.reshape(shape).contiguous() for key, t in zip(SDXL_KEYS, self.tables)}
+        data = safetensors.torch.save(tensors, metadata=self.metadata())
         return _atomic_write(Path(path), data)
 
     @classmethod
@@ -175,19 +220,26 @@ class Concept:
         version = _meta_int(meta, "format_version", path)
         if version > FORMAT_VERSION:
             raise ConceptError(f"{path} has format version {version}; this prospect reads up to {FORMAT_VERSION}")
-        if set(tensors) != {"embeddings"}:
-            raise ConceptError(f"{path} must hold exactly one tensor 'embeddings', found {sorted(tensors)}")
-        emb = tensors["embeddings"]
+        family = meta.get("family", "sd")
+        if family not in FAMILIES:
+            raise ConceptError(f"{path}: unknown model family {family!r} (this prospect knows {', '.join(FAMILIES)})")
+        names = ["embeddings"] if family == "sd" else list(SDXL_KEYS)
+        if set(tensors) != set(names):
+            raise ConceptError(f"{path} must hold exactly the tensors {names} ({FAMILIES[family]}), found {sorted(tensors)}")
         vectors = _meta_int(meta, "vectors_per_stage", path) if "vectors_per_stage" in meta else 1
-        expected = (_meta_int(meta, "num_stages", path), *((vectors,) if vectors > 1 else ()), _meta_int(meta, "dim", path))
-        if tuple(emb.shape) != expected:
-            raise ConceptError(f"{path}: embeddings shape {tuple(emb.shape)} does not match metadata {expected}")
+        dims = [_meta_int(meta, key, path) for key in ("dim", "dim_2")[:len(names)]]
+        for name, dim in zip(names, dims):
+            middle = (vectors,) if vectors > 1 or family == "sdxl" else ()
+            expected = (_meta_int(meta, "num_stages", path), *middle, dim)
+            if tuple(tensors[name].shape) != expected:
+                raise ConceptError(f"{path}: {name} shape {tuple(tensors[name].shape)} does not match metadata {expected}")
         try:
             return cls(
-                placeholder=meta.get("placeholder", ""), embeddings=emb,
+                placeholder=meta.get("placeholder", ""), embeddings=tensors[names[0]],
                 num_train_timesteps=_meta_int(meta, "num_train_timesteps", path),
                 initializer=meta.get("initializer", ""), base_model=meta.get("base_model", ""),
                 base_model_fingerprint=meta.get("base_model_fingerprint", ""),
+                embeddings_2=tensors[names[1]] if family == "sdxl" else None,
             )
         except ConceptError as err:
             raise ConceptError(err if str(path) in str(err) else f"{path}: {err}") from None
@@ -199,20 +251,45 @@ class Concept:
         """Import a diffusers or A1111 textual-inversion safetensors file as a concept.
 
         One vector is repeated in every stage; ``num_stages`` vectors become one per stage. The
-        placeholder defaults to the diffusers token (e.g. ``<cat-toy>``) or the A1111 file stem.
+        placeholder defaults to the diffusers token (e.g. ``<cat-toy>``) or the A1111 file stem. An SDXL
+        file ({"clip_l", "clip_g"}) becomes an SDXL concept.
         """
         path = Path(path)
         tensors, _ = _read_safetensors(path)
+        if set(tensors) == set(SDXL_KEYS):
+            tables = [_stages_from(path, tensors[key], num_stages) for key in SDXL_KEYS]
+            if len(tables[0]) != len(tables[1]):
+                raise ConceptError(f"{path}: clip_l holds {len(tables[0])} vectors but clip_g {len(tables[1])}")
+            return cls(placeholder=placeholder or path.stem, embeddings=tables[0], embeddings_2=tables[1])
         if "emb_params" in tensors:  # A1111 / kohya safetensors layout
             name, vectors = path.stem, tensors["emb_params"]
         elif len(tensors) == 1:  # diffusers layout: {token: tensor}
             name, vectors = next(iter(tensors.items()))
         else:
             raise ConceptError(f"{path}: not a single-encoder textual inversion (tensors {sorted(tensors)})")
-        vectors = vectors.reshape(1, -1) if vectors.ndim == 1 else vectors
-        if vectors.ndim != 2 or len(vectors) not in (1, num_stages):
-            raise ConceptError(f"{path}: {tuple(vectors.shape)} vectors; expected 1 or num_stages={num_stages}")
-        return cls(placeholder=placeholder or name, embeddings=vectors.expand(num_stages, -1))
+        return cls(placeholder=placeholder or name, embeddings=_stages_from(path, vectors, num_stages))
+
+
+def _stages_from(path: Path, vectors: torch.Tensor, num_stages: int) -> torch.Tensor:
+    """[num_stages, dim] from one textual-inversion vector (repeated) or ``num_stages`` vectors."""
+    vectors = vectors.reshape(1, -1) if vectors.ndim == 1 else vectors
+    if vectors.ndim != 2 or len(vectors) not in (1, num_stages):
+        raise ConceptError(f"{path}: {tuple(vectors.shape)} vectors; expected 1 or num_stages={num_stages}")
+    return vectors.expand(num_stages, -1)
+
+
+def _checked_table(emb, name: str) -> torch.Tensor:
+    """A concept's embeddings, validated: [num_stages, dim] or [num_stages, V, dim], finite floats, float32 on the CPU."""
+    if not isinstance(emb, torch.Tensor) or emb.ndim not in (2, 3) or 0 in emb.shape:
+        shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+        raise ConceptError(f"{name} must be a non-empty [num_stages, dim] or [num_stages, V, dim] tensor, got {shape}")
+    if emb.ndim == 3 and emb.shape[1] == 1:  # one vector per stage has one layout only
+        emb = emb[:, 0]
+    if not emb.is_floating_point():
+        raise ConceptError(f"{name} must be floating-point values, got {str(emb.dtype).replace('torch.', '')}")
+    if not torch.isfinite(emb).all():
+        raise ConceptError(f"{name} hold NaN or infinite values; retrain the concept (with a lower lr)")
+    return emb.detach().to("cpu", torch.float32).contiguous().clone()
 
 
 def _shareable_name(name_or_path: str) -> str:
@@ -280,12 +357,37 @@ def _sniff(head: bytes, size: int) -> str:
     return ""
 
 
-def add_concept(tokenizer, text_encoder, concept: Concept) -> list[int]:
-    """Add (or overwrite) the concept's stage tokens and embedding rows; returns ids in ``concept.tokens()`` order."""
+def model_family(pipe) -> str:
+    """"sdxl" for a pipeline with two text encoders, else "sd"."""
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+def text_encoders(pipe) -> list[tuple]:
+    """The (tokenizer, text encoder) pairs a concept of ``pipe``'s family has rows in, in encoder order."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if model_family(pipe) == "sdxl":
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def add_to_pipeline(pipe, concept: Concept) -> list[list[int]]:
+    """Add the concept's stage tokens to every text encoder of ``pipe`` (both for SDXL); a concept of the other
+    model family is refused in one line naming both. Returns each encoder's token ids."""
+    family = model_family(pipe)
+    if concept.family != family:
+        raise ConceptError(f"concept {concept.placeholder!r} is {concept.described()} but the model is "
+                           f"{FAMILIES[family]}; learn the concept on this model (prospect train)")
+    return [add_concept(tok, enc, concept, i) for i, (tok, enc) in enumerate(text_encoders(pipe))]
+
+
+def add_concept(tokenizer, text_encoder, concept: Concept, encoder: int = 0) -> list[int]:
+    """Add (or overwrite) the concept's stage tokens and its rows of text encoder ``encoder`` (1: SDXL's second);
+    returns ids in ``concept.tokens()`` order."""
     weight = text_encoder.get_input_embeddings().weight
-    if weight.shape[1] != concept.dim:
+    rows = concept.rows(encoder)
+    if weight.shape[1] != rows.shape[1]:
         raise ConceptError(
-            f"concept dim {concept.dim} does not match the model's text embedding dim {weight.shape[1]} "
+            f"concept dim {rows.shape[1]} does not match the model's text embedding dim {weight.shape[1]} "
             f"(concept was learned on {concept.base_model or 'an unknown model'})"
         )
     tokens = concept.tokens()
@@ -302,7 +404,7 @@ def add_concept(tokenizer, text_encoder, concept: Concept) -> list[int]:
         text_encoder.resize_token_embeddings(size, pad_to_multiple_of=None, mean_resizing=False)
         weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        weight[torch.tensor(ids)] = concept.rows().to(weight.device, weight.dtype)
+        weight[torch.tensor(ids)] = rows.to(weight.device, weight.dtype)
     return ids
 
 

@@ -94,6 +94,18 @@ def prepare(image: Image.Image, resolution: int, crop: str = "center") -> Image.
     return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
 
 
+def size_conditioning(image: Image.Image, resolution: int, crop: str = "center") -> tuple[int, ...]:
+    """SDXL's micro-conditioning of an image made by :func:`prepare` (Podell et al. 2023, sec. 2.2): its original
+    (height, width), the crop's top-left corner in the frame resized to ``resolution`` on its short side (as
+    diffusers' SDXL training scripts count it; 0, 0 when stretched) and the target (height, width)."""
+    w, h = image.size
+    top = left = 0
+    if crop == "center":
+        scale = resolution / min(w, h)
+        top, left = round((h * scale - resolution) / 2), round((w * scale - resolution) / 2)
+    return (h, w, top, left, resolution, resolution)
+
+
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL RGB images -> float tensor [B, 3, H, W] in [-1, 1]."""
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0

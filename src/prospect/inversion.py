@@ -2,7 +2,9 @@
 
 Implements the training side of ProSpect (Zhang et al., 2023): textual inversion where a
 sample at timestep t is captioned with the token of stage(t). Only the N concept rows get
-gradients; the UNet, VAE and text encoder are frozen and no weight gradient is computed.
+gradients; the UNet, VAE and text encoder are frozen and no weight gradient is computed. On SDXL
+each stage's token has a row in both text encoders, both learned, and the UNet's size and crop
+conditioning comes from the training images.
 Randomness of step s is drawn from (seed, s) for the global batch and sliced per process, so
 a resumed run, or one spread over several processes, equals a single uninterrupted run.
 """
@@ -28,8 +30,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .concept import Concept, add_concept, check_placeholder, init_embeddings
-from .data import MAX_SIDE, prepare, to_tensor
+from .concept import Concept, add_to_pipeline, check_placeholder, init_embeddings, model_family, text_encoders
+from .data import MAX_SIDE, prepare, size_conditioning, to_tensor
 from .loading import fingerprint as model_fingerprint, model_name
 from .stages import StageMap
 
@@ -250,22 +252,46 @@ class Inversion:
     sched: DDPMScheduler
     stage_map: StageMap
     concept: Concept  # the concept being learned (its embeddings are the initial ones until the end)
-    base: torch.nn.Embedding  # the text encoder's own input embeddings
-    layer: _ConceptRows  # the trainable rows, in place of ``base`` during the run
+    bases: list[torch.nn.Embedding]  # each text encoder's own input embeddings (SDXL: two)
+    layers: list[_ConceptRows]  # the trainable rows, in place of ``bases`` during the run
     opt: torch.optim.Optimizer
     mean: torch.Tensor  # cached latent posterior of every image and its mirror
     std: torch.Tensor
     captions: dict  # (stage, template) -> caption text
     fingerprint: str  # of the images and settings, for resume
     num_images: int
+    time_ids: torch.Tensor | None = None  # SDXL: each image's size and crop conditioning, [I, 6]
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def rows(self) -> torch.Tensor:
-        """The current concept embeddings, [N, V, D] on the CPU in float32."""
-        return self.layer.rows.detach().float().cpu().reshape(self.concept.embeddings.shape)
+    @property
+    def base(self) -> torch.nn.Embedding:
+        return self.bases[0]
+
+    @property
+    def layer(self) -> _ConceptRows:
+        return self.layers[0]
+
+    def rows(self, encoder: int = 0) -> torch.Tensor:
+        """The current concept embeddings of text encoder ``encoder``, [N, V, D] on the CPU in float32."""
+        table = self.concept.tables[encoder]
+        return self.layers[encoder].rows.detach().float().cpu().reshape(table.shape)
+
+    def learned(self) -> Concept:
+        """The concept with the current rows of every text encoder."""
+        tables = [self.rows(i) for i in range(len(self.layers))]
+        return replace(self.concept, embeddings=tables[0], embeddings_2=tables[1] if len(tables) > 1 else None)
+
+    def parts(self) -> dict[str, torch.nn.Parameter]:
+        """Every trainable tensor by checkpoint name: the first encoder's as before SDXL, the second's with "_2"."""
+        return {name + ("_2" if i else ""): p for i, layer in enumerate(self.layers) for name, p in layer.parts().items()}
+
+    def swap(self, trainable: bool) -> None:
+        """Put the trainable rows (or the encoders' own embeddings) in the text encoders."""
+        for (_, encoder), base, layer in zip(text_encoders(self.pipe), self.bases, self.layers):
+            encoder.set_input_embeddings(layer if trainable else base)
 
 
 def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=None) -> Inversion:
@@ -275,9 +301,6 @@ def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=Non
     if not images:
         raise InversionError("no reference images")
     pipe = getattr(pipe, "pipe", pipe)  # a ProSpectPipeline: its stock pipeline
-    if hasattr(pipe, "text_encoder_2"):
-        raise InversionError("inversion into SDXL's two text encoders is not supported yet; use an SD 1.x/2.x model "
-                             "(SDXL generation with text per stage works)")
     if accelerator is None:
         from accelerate import Accelerator
 
@@ -286,28 +309,35 @@ def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=Non
     if cfg.batch_size % accelerator.num_processes:
         raise InversionError(f"batch size {cfg.batch_size} must be a multiple of the {accelerator.num_processes} processes")
     device = accelerator.device
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+    encoders = text_encoders(pipe)
+    for part in (pipe.unet, pipe.vae, *(enc for _, enc in encoders)):
         part.requires_grad_(False).eval().to(device)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     stage_map = StageMap(cfg.num_stages, sched.config.num_train_timesteps)
-    init = init_embeddings(pipe.tokenizer, pipe.text_encoder, cfg.initializer, cfg.num_stages, cfg.vectors_per_stage)
-    concept = Concept(placeholder=cfg.placeholder, embeddings=init, num_train_timesteps=sched.config.num_train_timesteps,
-                      initializer=cfg.initializer, base_model=model_name(pipe), base_model_fingerprint=model_fingerprint(pipe))
-    token_ids = add_concept(pipe.tokenizer, pipe.text_encoder, concept)
-    base = pipe.text_encoder.get_input_embeddings()
+    init = [init_embeddings(tok, enc, cfg.initializer, cfg.num_stages, cfg.vectors_per_stage) for tok, enc in encoders]
+    concept = Concept(placeholder=cfg.placeholder, embeddings=init[0], num_train_timesteps=sched.config.num_train_timesteps,
+                      initializer=cfg.initializer, base_model=model_name(pipe), base_model_fingerprint=model_fingerprint(pipe),
+                      embeddings_2=init[1] if len(init) > 1 else None)
+    token_ids = add_to_pipeline(pipe, concept)
+    bases = [enc.get_input_embeddings() for _, enc in encoders]
     coupled = cfg.num_stages if cfg.parameterization == "shared" and cfg.num_stages > 1 else 0  # one stage: nothing to couple
-    layer = _ConceptRows(base, token_ids, concept.rows().to(device), coupled).to(device)
-    opt = torch.optim.AdamW(list(layer.parts().values()), lr=cfg.lr, weight_decay=0.0)
+    layers = [_ConceptRows(base, ids, concept.rows(i).to(device), coupled).to(device)
+              for i, (base, ids) in enumerate(zip(bases, token_ids))]
+    opt = torch.optim.AdamW([p for layer in layers for p in layer.parts().values()], lr=cfg.lr, weight_decay=0.0)
     mean, std = _cache_latents(pipe, images, cfg, device)
     captions = {(k, j): tpl.format(concept.prompt_text(k)) for k in range(cfg.num_stages) for j, tpl in enumerate(cfg.templates)}
-    return Inversion(pipe, cfg, accelerator, sched, stage_map, concept, base, layer, opt, mean, std, captions,
-                     _fingerprint(images, cfg), len(images))
+    time_ids = None
+    if model_family(pipe) == "sdxl":
+        res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        time_ids = torch.tensor([size_conditioning(im, res, cfg.crop) for im in images], dtype=torch.float32)
+    return Inversion(pipe, cfg, accelerator, sched, stage_map, concept, bases, layers, opt, mean, std, captions,
+                     _fingerprint(images, cfg), len(images), time_ids)
 
 
 def step(run: Inversion, index: int) -> StepLog:
     """Optimisation step ``index``: this process's slice of the global batch drawn from (seed, index), the
     denoising loss, the rows' gradients averaged over the processes, one AdamW update. A non-finite loss leaves
-    the rows untouched (the returned loss says so). The text encoder must hold ``run.layer``."""
+    the rows untouched (the returned loss says so). The text encoders must hold ``run.layers`` (``run.swap(True)``)."""
     cfg, pipe, device, acc = run.cfg, run.pipe, run.device, run.accelerator
     rank, world = acc.process_index, acc.num_processes
     d = _draw(index, cfg, run.num_images, run.stage_map, run.mean.shape[2:])
@@ -316,14 +346,16 @@ def step(run: Inversion, index: int) -> StepLog:
     x0 = (run.mean[d["image"], d["flip"]] + run.std[d["image"], d["flip"]] * d["eps_latent"]) * pipe.vae.config.scaling_factor
     keys = [(int(k), int(j)) for k, j in zip(d["stages"], d["template"])]
     unique = sorted(set(keys))  # encode only the stage prompts this batch needs
-    ids = pipe.tokenizer([run.captions[k] for k in unique], padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
     unet_dtype = pipe.unet.conv_in.weight.dtype  # (pipe.unet.dtype walks every module)
     with acc.autocast():
-        states = pipe.text_encoder(ids)[0]
-        cond = states[torch.tensor([unique.index(k) for k in keys], device=device)]
+        states, pooled = _encode(pipe, [run.captions[k] for k in unique], device)
+        pick = torch.tensor([unique.index(k) for k in keys], device=device)
+        extra = {}
+        if pooled is not None:  # SDXL: the pooled embedding of the same caption, and the image's size conditioning
+            extra["added_cond_kwargs"] = {"text_embeds": pooled[pick].to(unet_dtype),
+                                          "time_ids": run.time_ids.to(device)[d["image"]].to(unet_dtype)}
         noisy = run.sched.add_noise(x0, d["noise"], d["t"])
-        pred = pipe.unet(noisy.to(unet_dtype), d["t"], encoder_hidden_states=cond.to(unet_dtype)).sample
+        pred = pipe.unet(noisy.to(unet_dtype), d["t"], encoder_hidden_states=states[pick].to(unet_dtype), **extra).sample
     target = _target(run.sched, x0, d["noise"], d["t"]).float()
     if cfg.snr_gamma:  # min-SNR: each sample weighted by min(SNR, gamma) / (SNR + 1 for v, SNR for eps, 1 for x0)
         loss = (_min_snr_weights(run.sched, d["t"], cfg.snr_gamma)
@@ -335,10 +367,21 @@ def step(run: Inversion, index: int) -> StepLog:
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
-            for param in run.layer.parts().values():
+            for param in run.parts().values():
                 param.grad = acc.reduce(param.grad, "mean")
         run.opt.step()
     return StepLog(index, loss_all.item(), [k for k, _ in keys])
+
+
+def _encode(pipe, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The captions' text conditioning, with gradients to the concept rows: the hidden states, and for SDXL
+    the pooled embedding (through the pipeline's own ``encode_prompt``, so training sees what generation sees)."""
+    if model_family(pipe) == "sdxl":
+        states, _, pooled, _ = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
+        return states, pooled
+    ids = pipe.tokenizer(captions, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids.to(device)
+    return pipe.text_encoder(ids)[0], None
 
 
 def _min_snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -368,6 +411,7 @@ def invert(
     """Learn a Concept (N per-stage token embeddings) from one or a few reference images, on a stock
     ``StableDiffusionPipeline`` (or a ``ProSpectPipeline``'s).
 
+    On SDXL (``StableDiffusionXLPipeline``) each stage's token is learned in both text encoders.
     The run's policy around :func:`setup` and :func:`step`: resume, checkpoints every
     ``checkpoint_every`` steps, validation images, and a stop on non-finite values that keeps the last
     good checkpoint. ``accelerator`` (default: a new ``accelerate.Accelerator``) spreads each step's
@@ -378,13 +422,12 @@ def invert(
     run = setup(pipe, images, cfg, accelerator)
     ckpt, start = Path(checkpoint) if checkpoint else None, 0
     if resume and ckpt is not None and ckpt.exists():
-        start = _resume(ckpt, run.fingerprint, run.layer, run.opt)
+        start = _resume(ckpt, run.fingerprint, run.parts(), run.opt)
     main_process = run.accelerator.is_main_process
     kept = lambda: f"last good checkpoint {ckpt} kept" if ckpt and ckpt.exists() else "no checkpoint written"  # noqa: E731
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="inversion",
                disable=not (progress and main_process))
-    pipe = run.pipe
-    pipe.text_encoder.set_input_embeddings(run.layer)
+    run.swap(trainable=True)
     try:
         for index in bar:
             log = step(run, index)
@@ -395,35 +438,35 @@ def invert(
             bar.set_postfix(loss=f"{log.loss:.4f}", refresh=False)
             done = index + 1
             due = ckpt is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
-            if (due or done == cfg.steps) and not torch.isfinite(run.layer.rows).all():  # never save or return those
+            if (due or done == cfg.steps) and not all(torch.isfinite(layer.rows).all() for layer in run.layers):
                 raise InversionError(f"token embeddings became non-finite at step {index}; {kept()}; lower --lr")
             if due:
                 if main_process:
-                    _save(ckpt, run.layer, run.opt, done, run.fingerprint, cfg)
+                    _save(ckpt, run.parts(), run.opt, done, run.fingerprint, cfg)
                 run.accelerator.wait_for_everyone()
             if validate is not None and cfg.validation_every and done % cfg.validation_every == 0 and main_process:
                 _validate(validate, done, run)
     finally:
         bar.close()  # ends the bar's line, so an error message starts on a line of its own
-        pipe.text_encoder.set_input_embeddings(run.base)
-    run.concept.embeddings = run.rows()
-    add_concept(pipe.tokenizer, pipe.text_encoder, run.concept)
+        run.swap(trainable=False)
+    run.concept = run.learned()
+    add_to_pipeline(run.pipe, run.concept)
     return run.concept
 
 
 def _validate(validate, done: int, run: Inversion) -> None:
-    """Hand the current concept to ``validate`` with the plain embedding table in place (rows written)."""
-    snapshot = replace(run.concept, embeddings=run.rows())
-    run.pipe.text_encoder.set_input_embeddings(run.base)
+    """Hand the current concept to ``validate`` with the plain embedding tables in place (rows written)."""
+    snapshot = run.learned()
+    run.swap(trainable=False)
     try:
-        add_concept(run.pipe.tokenizer, run.pipe.text_encoder, snapshot)
+        add_to_pipeline(run.pipe, snapshot)
         validate(done, snapshot)
     finally:
-        run.pipe.text_encoder.set_input_embeddings(run.layer)
+        run.swap(trainable=True)
 
 
-def _save(path: Path, layer: _ConceptRows, opt, step: int, fingerprint: str, cfg: InversionConfig) -> None:
-    state = {**{name: p.detach() for name, p in layer.parts().items()}, "opt": opt.state_dict(), "step": step, "fingerprint": fingerprint,
+def _save(path: Path, parts: dict, opt, step: int, fingerprint: str, cfg: InversionConfig) -> None:
+    state = {**{name: p.detach() for name, p in parts.items()}, "opt": opt.state_dict(), "step": step, "fingerprint": fingerprint,
              "config": json.loads(json.dumps(asdict(cfg), default=list))}
     try:
         save_checkpoint(state, path)
@@ -431,7 +474,7 @@ def _save(path: Path, layer: _ConceptRows, opt, step: int, fingerprint: str, cfg
         raise InversionError(f"cannot write checkpoint {path}: {err.strerror or err}; the previous one is kept") from err
 
 
-def _resume(path: Path, fingerprint: str, layer: _ConceptRows, opt) -> int:
+def _resume(path: Path, fingerprint: str, parts: dict, opt) -> int:
     """Load rows and optimiser state; refuse a damaged checkpoint, or one of other images or settings."""
     fix = "delete it to start over"
     try:
@@ -440,7 +483,7 @@ def _resume(path: Path, fingerprint: str, layer: _ConceptRows, opt) -> int:
         raise InversionError(f"cannot resume: {err}; {fix}") from err
     if state.get("fingerprint") != fingerprint:
         raise InversionError(f"cannot resume from {path}: it was made with other images or settings ({fix})")
-    for name, param in layer.parts().items():
+    for name, param in parts.items():
         saved = state.get(name)
         if not isinstance(saved, torch.Tensor) or saved.shape != param.shape or not saved.is_floating_point():
             got = f"{str(saved.dtype).replace('torch.', '')} {tuple(saved.shape)}" if isinstance(saved, torch.Tensor) else "nothing"
@@ -462,6 +505,6 @@ def _resume(path: Path, fingerprint: str, layer: _ConceptRows, opt) -> int:
                         value.shape != param.shape or not torch.isfinite(value).all()):
                     raise InversionError(f"cannot resume from {path}: its optimiser state is damaged ({fix})")
     with torch.no_grad():
-        for name, param in layer.parts().items():
+        for name, param in parts.items():
             param.copy_(state[name].to(param.device))
     return step

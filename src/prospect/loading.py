@@ -318,6 +318,10 @@ def fingerprint(pipe) -> str:
     the same for two copies of a model, different for a model with another text encoder."""
     import hashlib
 
-    rows = pipe.text_encoder.get_input_embeddings().weight[: pipe.tokenizer.vocab_size]
-    data = rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    from .concept import text_encoders
+
+    digest = hashlib.sha256()
+    for tokenizer, encoder in text_encoders(pipe):  # SDXL: both encoders' vocabularies, one after the other
+        rows = encoder.get_input_embeddings().weight[: tokenizer.vocab_size]
+        digest.update(rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:16]

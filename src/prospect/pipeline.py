@@ -28,7 +28,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from PIL import Image
 
-from .concept import Concept, add_concept
+from .concept import Concept, add_to_pipeline, model_family
 from .data import MAX_SIDE
 from .spectrum import build_spectrum
 from .stage_switch import StageSwitch, denoised_timesteps
@@ -124,7 +124,7 @@ class ProSpectPipeline:
 
     @property
     def family(self) -> str:
-        return "sdxl" if hasattr(self.pipe, "text_encoder_2") else "sd"
+        return model_family(self.pipe)
 
     @property
     def num_stages(self) -> int:
@@ -146,12 +146,12 @@ class ProSpectPipeline:
         return variant
 
     def load_concept(self, concept: Concept | str | Path) -> Concept:
-        """Add a concept's per-stage tokens to the text encoder (replacing one with its placeholder); SD 1.x/2.x."""
-        if self.family == "sdxl":
-            raise ValueError("concepts for SDXL (a token in both text encoders) are not supported yet; SDXL "
-                             "generation takes plain text per stage")
+        """Add a concept's per-stage tokens to the text encoder(s) (both for SDXL), replacing one with its
+        placeholder."""
         if not isinstance(concept, Concept):
             concept = Concept.load(concept)
+        if concept.family != self.family:
+            add_to_pipeline(self.pipe, concept)  # raises the one-line family error
         if concept.num_train_timesteps != self.stage_map.num_train_timesteps:
             raise ValueError(
                 f"concept was learned over {concept.num_train_timesteps} timesteps but the scheduler has "
@@ -164,7 +164,7 @@ class ProSpectPipeline:
                 f"have {self.num_stages}; all concepts of one pipeline share the stage split"
             )
         self.stage_map = StageMap(concept.num_stages, self.stage_map.num_train_timesteps)
-        add_concept(self.pipe.tokenizer, self.pipe.text_encoder, concept)
+        add_to_pipeline(self.pipe, concept)
         self.concepts[concept.placeholder] = concept
         return concept
 
