@@ -13,16 +13,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from prospect.concept import (
-    Concept,
-    ConceptError,
-    a1111_schedule,
-    add_concept,
-    export_a1111,
-    export_diffusers,
-    init_embeddings,
-    stage_token,
-)
+from prospect.concept import Concept, ConceptError, add_concept, init_embeddings, stage_token
+from prospect.exports import a1111_schedule, export_a1111, export_diffusers
 
 TINY_DIM = 32  # the text hidden size of conftest's tiny pipeline
 

@@ -3,6 +3,7 @@ embedding; with one prompt everywhere the images are stock SDXL's."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -206,3 +207,53 @@ def test_sdxl_inpainting_equals_stock_and_several_images_need_no_deprecated_dupl
         out = pp("a red cube", image=_image(), strength=0.6, num_inference_steps=8, num_images_per_prompt=2,
                  generator=_gen(1), output_type="np").images
     assert out.shape[0] == 2 and not np.allclose(out[0], out[1])
+
+
+def test_diffusers_export_loads_with_stock_load_textual_inversion_into_both_encoders(clip_tokenizer_dir, tmp_path):
+    import safetensors.torch
+
+    from conftest import build_tiny_sdxl
+    from prospect.exports import export_diffusers
+
+    concept = _xl_concept()  # two vectors per stage: diffusers expands <teddy:s3> into both
+    paths = export_diffusers(concept, tmp_path, name="teddy")
+    note = json.loads((tmp_path / "teddy-prospect_diffusers.json").read_text())
+    assert note["family"] == "sdxl" and "text_encoder_2" in note["usage"]
+    stock = build_tiny_sdxl(clip_tokenizer_dir)
+    for entry in note["stages"]:  # as diffusers documents for SDXL embeddings, and as the note says
+        state = safetensors.torch.load_file(tmp_path / entry["file"])
+        assert sorted(state) == ["clip_g", "clip_l"]
+        stock.load_textual_inversion(state["clip_l"], token=entry["name"], text_encoder=stock.text_encoder,
+                                     tokenizer=stock.tokenizer)
+        stock.load_textual_inversion(state["clip_g"], token=entry["name"], text_encoder=stock.text_encoder_2,
+                                     tokenizer=stock.tokenizer_2)
+    ours = ProSpectPipeline(build_tiny_sdxl(clip_tokenizer_dir))
+    ours.load_concept(concept)
+    for k in (0, 3, 9):
+        theirs = stock.encode_prompt(f"a photo of <teddy:s{k}>", device="cpu", do_classifier_free_guidance=False)
+        mine = ours.pipe.encode_prompt(f"a photo of {concept.prompt_text(k)}", device="cpu",
+                                       do_classifier_free_guidance=False)
+        torch.testing.assert_close(theirs[0], mine[0])  # both encoders' hidden states
+        torch.testing.assert_close(theirs[2], mine[2])  # the pooled embedding
+    assert len(paths) == 10
+
+
+def test_a1111_and_comfyui_exports_hold_clip_l_and_clip_g(tmp_path, capsys):
+    import safetensors.torch
+
+    from prospect.cli import main
+
+    concept = _xl_concept()
+    concept.save(tmp_path / "teddy.safetensors")
+    for fmt in ("a1111", "comfyui", "diffusers"):
+        assert main(["export", str(tmp_path / "teddy.safetensors"), "--format", fmt, "--out", str(tmp_path / fmt),
+                     "--steps", "30"]) == 0
+    files = {fmt: sorted((tmp_path / fmt).rglob("teddy-s3.safetensors")) for fmt in ("a1111", "comfyui", "diffusers")}
+    for fmt, (path,) in files.items():
+        state = safetensors.torch.load_file(path)
+        assert torch.equal(state["clip_l"], concept.stage_vectors(3)) and sorted(state) == ["clip_g", "clip_l"]
+        assert torch.equal(state["clip_g"], concept.stage_vectors(3, 1))
+    workflow = json.loads((tmp_path / "comfyui" / "teddy-workflow_api.json").read_text())
+    assert workflow["3"]["inputs"]["width"] == 1024  # SDXL's native size
+    assert main(["info", str(tmp_path / "teddy.safetensors")]) == 0
+    assert "dim 32 + 48 (SDXL: clip_l + clip_g)" in capsys.readouterr().out

@@ -7,7 +7,8 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from prospect.concept import Concept, add_concept, export_a1111, export_diffusers, init_embeddings
+from prospect.concept import Concept, add_concept, init_embeddings
+from prospect.exports import export_a1111, export_diffusers
 from prospect.inversion import InversionConfig, invert
 
 DIM = 32  # conftest's tiny pipeline

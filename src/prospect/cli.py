@@ -253,8 +253,7 @@ def _train(args, images, out: Path, cfg, accelerator=None):
 def _write_concept(concept, out: Path) -> None:
     concept.save(out)
     vectors = f" x {concept.vectors_per_stage} vectors" if concept.vectors_per_stage > 1 else ""
-    widths = " + ".join(str(t.shape[-1]) for t in concept.tables)  # SDXL: both encoders' widths
-    print(f"wrote {out} ({concept.num_stages} stages{vectors} x {widths}, placeholder {concept.placeholder!r})")
+    print(f"wrote {out} ({concept.num_stages} stages{vectors} x {concept.widths}, placeholder {concept.placeholder!r})")
 
 
 def cmd_train(args) -> None:
@@ -412,7 +411,8 @@ def cmd_visualize(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .concept import Concept, export_a1111, export_diffusers
+    from .concept import Concept
+    from .exports import export_a1111, export_diffusers
     from .files import check_output_folder
     from .outputs import ensure_dir
 
@@ -452,7 +452,8 @@ def cmd_info(args) -> None:
     from .concept import Concept
 
     c = Concept.load(args.concept)
-    print(f"placeholder {c.placeholder!r}, {c.num_stages} stages over {c.num_train_timesteps} timesteps, dim {c.dim}")
+    print(f"placeholder {c.placeholder!r}, {c.num_stages} stages over {c.num_train_timesteps} timesteps, dim {c.widths}"
+          f"{' (SDXL: clip_l + clip_g)' if c.family == 'sdxl' else ''}")
     print(f"initializer {c.initializer!r}, base model {c.base_model or 'unknown'!r}"
           f"{f' ({c.base_model_fingerprint})' if c.base_model_fingerprint else ''}")
     print(f"{c.vectors_per_stage} vector(s) per stage")

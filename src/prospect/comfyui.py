@@ -19,7 +19,8 @@ from pathlib import Path
 
 import safetensors.torch
 
-from .concept import Concept, _atomic_write, _file_stem
+from .concept import Concept, _atomic_write
+from .exports import _file_stem
 from .stages import stage_bounds
 
 STEP = 0.001  # ComfyUI's widget step for start/end
@@ -132,8 +133,8 @@ def workflow_ui(api: dict) -> dict:
 
 
 def export_comfyui(concept: Concept, folder: str | os.PathLike, name: str | None = None) -> tuple[list[Path], Path]:
-    """Write ``models/embeddings/<name>-s<k>.safetensors`` ({"emb_params": [V, dim]}, which ComfyUI's
-    embedding loader reads) under ``folder`` (a ComfyUI folder, or one to copy into it), and
+    """Write ``models/embeddings/<name>-s<k>.safetensors`` ({"emb_params": [V, dim]}, SDXL {"clip_l", "clip_g"}:
+    what ComfyUI's embedding loader reads) under ``folder`` (a ComfyUI folder, or one to copy into it), and
     ``<name>-workflow_api.json`` (API format) and ``<name>-workflow.json`` (the UI format that ComfyUI's Load
     opens). Returns the embedding files and the API workflow."""
     stem, folder = _file_stem(concept, name), Path(folder)
@@ -143,8 +144,8 @@ def export_comfyui(concept: Concept, folder: str | os.PathLike, name: str | None
     embeddings.mkdir(parents=True, exist_ok=True)
     paths = [embeddings / f"{n}.safetensors" for n in names]
     for k, path in enumerate(paths):
-        _atomic_write(path, safetensors.torch.save({"emb_params": concept.stage_vectors(k).clone()}))
-    api = workflow_api(names, ranges)
+        _atomic_write(path, safetensors.torch.save(concept.stage_file(k)))
+    api = workflow_api(names, ranges, size=1024 if concept.family == "sdxl" else 512)  # each family's native size
     workflow = folder / f"{stem}-workflow_api.json"
     _atomic_write(workflow, (json.dumps(api, indent=1) + "\n").encode())
     _atomic_write(folder / f"{stem}-workflow.json", (json.dumps(workflow_ui(api), indent=1) + "\n").encode())
