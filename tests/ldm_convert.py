@@ -26,6 +26,8 @@ _UNET_TOP = (
     ("conv_in.", "input_blocks.0.0."),
     ("conv_norm_out.", "out.0."),
     ("conv_out.", "out.2."),
+    ("add_embedding.linear_1.", "label_emb.0.0."),  # SDXL's text-and-size embedding
+    ("add_embedding.linear_2.", "label_emb.0.2."),
 )
 
 
@@ -110,29 +112,30 @@ def vae_to_ldm(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, tor
     return out
 
 
-def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 1.x: the HF CLIPTextModel under ``cond_stage_model.transformer.text_model.``."""
+def clip_to_ldm(state: dict[str, torch.Tensor], prefix: str = "cond_stage_model.transformer.") -> dict[str, torch.Tensor]:
+    """SD 1.x: the HF CLIPTextModel under ``cond_stage_model.transformer.text_model.`` (SDXL: its first embedder)."""
     out = {}
     for key, value in state.items():
         key = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + key] = value
-    ids = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+        out[prefix + key] = value
+    ids = prefix + "text_model.embeddings.position_ids"
     if ids not in out:  # SD 1.x files carry this buffer; newer transformers do not save it
         out[ids] = torch.arange(out[ids.replace("position_ids", "position_embedding.weight")].shape[0])[None]
     return out
 
 
-def clip_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 2.x: the text encoder in OpenCLIP's layout under ``cond_stage_model.model.``."""
+def clip_to_open_clip(state: dict[str, torch.Tensor], prefix: str = "cond_stage_model.model.") -> dict[str, torch.Tensor]:
+    """SD 2.x: the text encoder in OpenCLIP's layout under ``cond_stage_model.model.``; SDXL's second embedder
+    (a CLIPTextModelWithProjection) carries its projection, transposed as OpenCLIP multiplies by it."""
+    projection = state.pop("text_projection.weight", None)
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    prefix = "cond_stage_model.model."
     width = state["embeddings.token_embedding.weight"].shape[1]
     out = {
         prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
         prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
         prefix + "ln_final.weight": state["final_layer_norm.weight"],
         prefix + "ln_final.bias": state["final_layer_norm.bias"],
-        prefix + "text_projection": torch.randn(width, width),  # present in SD 2 files, unused by SD
+        prefix + "text_projection": torch.randn(width, width) if projection is None else projection.T,  # SD 2: unused
         prefix + "logit_scale": torch.tensor(4.6052),
     }
     layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")}
@@ -156,7 +159,11 @@ def pipeline_to_ldm(pipe, open_clip: bool = False) -> dict[str, torch.Tensor]:
     state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
     state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
     text = pipe.text_encoder.state_dict()
-    state.update(clip_to_open_clip(text) if open_clip else clip_to_ldm(text))
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: both encoders under conditioner.embedders
+        state.update(clip_to_ldm(text, "conditioner.embedders.0.transformer."))
+        state.update(clip_to_open_clip(dict(pipe.text_encoder_2.state_dict()), "conditioner.embedders.1.model."))
+    else:
+        state.update(clip_to_open_clip(text) if open_clip else clip_to_ldm(text))
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2  # LatentDiffusion's schedule buffers
     state["betas"] = betas
     state["alphas_cumprod"] = torch.cumprod(1 - betas, 0)

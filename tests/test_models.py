@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 from conftest import build_tiny_pipeline
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
 from ldm_convert import pipeline_to_ldm
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTokenizer
@@ -52,6 +52,54 @@ def test_shipped_configs_parse(family, context, heads, linear, layers, act, sche
     sched = scheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     assert type(sched).__name__ == index["scheduler"][1]
     assert sched.config.prediction_type == prediction and sched.config.beta_schedule == "scaled_linear"
+
+
+def test_shipped_sdxl_config_builds_sdxl_base_sized_modules():
+    """The SDXL config folder, built on the meta device: the parameter counts of SDXL base 1.0."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = CONFIG_DIR / "sdxl"
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        clip_l = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True))
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2",
+                                                                            local_files_only=True))
+    assert (count(unet), count(vae), count(clip_l), count(clip_g)) == (2_567_463_684, 83_653_863, 123_060_480,
+                                                                      694_659_840)
+    assert vae.config.scaling_factor == 0.13025 and unet.config.cross_attention_dim == 768 + 1280
+    sched = EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    assert (sched.config.prediction_type, sched.config.timestep_spacing) == ("epsilon", "leading")
+    tok2 = _tokenizer(folder, "tokenizer_2")
+    assert tok2("a photo of a cat").input_ids == CAT_IDS and tok2.pad_token == "!"
+    assert _tokenizer(folder)("a photo of a cat").input_ids == CAT_IDS
+
+
+def test_sdxl_single_file_round_trip(clip_tokenizer_dir, tmp_path):
+    from conftest import build_tiny_sdxl
+
+    ref = build_tiny_sdxl(clip_tokenizer_dir)
+    ref.save_pretrained(tmp_path / "config")
+    state = pipeline_to_ldm(ref)
+    assert {k.split(".")[2] for k in state if k.startswith("conditioner.")} == {"0", "1"}
+    save_file(state, tmp_path / "xl.safetensors")
+    pipe = load_pipeline(tmp_path / "xl.safetensors", config=tmp_path / "config")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    for name in (*COMPONENTS, "text_encoder_2"):
+        want, got = getattr(ref, name).state_dict(), getattr(pipe, name).state_dict()
+        assert set(got) == set(want), name
+        for key, value in want.items():
+            assert torch.equal(got[key], value), f"{name}.{key}"
+    kwargs = dict(num_inference_steps=2, output_type="np")
+    ours = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    theirs = ref("a photo of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(ours - theirs).max() < 1e-5
+    # without a config the shipped SDXL one is chosen from the keys, and the tiny weights do not fit it
+    with pytest.raises(ModelError, match="cross-attention width is 80 but .*sdxl expects 2048"):
+        load_pipeline(tmp_path / "xl.safetensors")
 
 
 def test_shipped_tokenizers():
@@ -194,7 +242,8 @@ def test_ckpt_with_pickled_objects_is_not_unpickled(tmp_path):
     "keys, message",
     [
         ({"down_blocks.0.resnets.0.conv1.weight"}, "not an original Stable Diffusion checkpoint.*diffusers folder"),
-        ({"conditioner.embedders.0.transformer.x", "model.diffusion_model.x"}, "SDXL"),
+        ({"conditioner.embedders.0.model.x", "model.diffusion_model.x"}, "SDXL checkpoint without both text .*refiner"),
+        ({"conditioner.embedders.0.transformer.x", "conditioner.embedders.1.model.x"}, "lacks the UNet or VAE .*SDXL"),
         ({"model.diffusion_model.x", "cond_stage_model.transformer.x"}, r"lacks the VAE \(first_stage_model"),
     ],
 )

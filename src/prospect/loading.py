@@ -2,7 +2,7 @@
 
 Nothing here reaches for the network: folders load with ``local_files_only=True``; original
 single-file checkpoints (``.ckpt`` / ``.safetensors``) load through a config folder shipped in
-``prospect/configs`` (SD 1.x or 2.x layout), as diffusers' ``from_single_file`` needs to stay offline.
+``prospect/configs`` (SD 1.x, 2.x or SDXL layout), as diffusers' ``from_single_file`` needs to stay offline.
 """
 
 from __future__ import annotations
@@ -109,9 +109,10 @@ def load_pipeline(
     """Load a local SD model: None = the embedded toy model; a folder; or a single checkpoint file.
 
     ``config`` (single files only) is a diffusers-layout folder describing the architecture; by
-    default the shipped ``configs/sd-v1`` (SD 1.5) or ``configs/sd-v2`` (SD 2.1 768-v, v-prediction),
-    chosen from the checkpoint's weight names (an OpenCLIP text encoder means SD 2.x). For an SD 2.x
-    *base* (512 px, epsilon) checkpoint pass a config folder whose scheduler says ``epsilon``.
+    default the shipped ``configs/sd-v1`` (SD 1.5), ``configs/sd-v2`` (SD 2.1 768-v, v-prediction) or
+    ``configs/sdxl`` (SDXL base 1.0), chosen from the checkpoint's weight names (an OpenCLIP text encoder
+    means SD 2.x, two embedders SDXL). For an SD 2.x *base* (512 px, epsilon) checkpoint pass a config
+    folder whose scheduler says ``epsilon``.
     """
     from .verbosity import progress_bars
 
@@ -142,6 +143,7 @@ def load_pipeline(
 
 _UNET_PREFIX, _VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 _CLIP_V1_PREFIX, _CLIP_V2_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."  # CLIP / OpenCLIP
+_XL_CLIP_L, _XL_CLIP_G = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."  # SDXL base
 _CONFIG_PARTS = (
     "model_index.json",
     "unet/config.json",
@@ -151,6 +153,7 @@ _CONFIG_PARTS = (
     "scheduler/scheduler_config.json",
 )
 _MODULES = ("unet", "vae", "text_encoder")
+_XL_PARTS = ("text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json")  # what an SDXL config folder adds
 _SHARED_VOCAB = CONFIG_DIR / "sd-v1" / "tokenizer"  # sd-v2 uses the same CLIP BPE, padded with "!"
 
 
@@ -197,11 +200,16 @@ def _first_line(err: BaseException) -> str:
 
 
 def _checkpoint_family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
-    """'sd-v1' or 'sd-v2' from the weight names; a ModelError for anything else."""
+    """'sd-v1', 'sd-v2' or 'sdxl' from the weight names; a ModelError for anything else."""
     keys = list(shapes)
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
     if has("conditioner.embedders."):
-        raise ModelError(f"{path} is an SDXL checkpoint; only Stable Diffusion 1.x and 2.x are supported")
+        if not (has(_XL_CLIP_L) and has(_XL_CLIP_G)):  # the refiner has one OpenCLIP embedder only
+            raise ModelError(f"{path} is an SDXL checkpoint without both text encoders ({_XL_CLIP_L}* and "
+                             f"{_XL_CLIP_G}*), e.g. the refiner; give an SDXL base checkpoint")
+        if not (has(_UNET_PREFIX) and has(_VAE_PREFIX)):
+            raise ModelError(f"{path} lacks the UNet or VAE weights of a full SDXL checkpoint")
+        return "sdxl"
     if not has(_UNET_PREFIX):
         hint = ""
         if any(k.split(".")[0] in ("down_blocks", "unet", "encoder", "text_model") for k in keys):
@@ -220,10 +228,11 @@ def _checkpoint_family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
     raise ModelError(f"{path}: unknown text encoder layout (neither cond_stage_model.transformer.* nor .model.*)")
 
 
-def _check_config(config: Path) -> None:
+def _check_config(config: Path, family: str) -> None:
     if not config.is_dir():  # diffusers would take anything else for a Hub repo id and try to download it
         raise ModelError(f"config {config} is not a folder (give a diffusers-layout model or config folder)")
-    missing = [p for p in _CONFIG_PARTS if not (config / p).exists()]
+    parts = _CONFIG_PARTS + (_XL_PARTS if family == "sdxl" else ())
+    missing = [p for p in parts if not (config / p).exists()]
     if missing:
         raise ModelError(f"config folder {config} is missing {', '.join(missing)}")
 
@@ -250,11 +259,11 @@ def _check_against_config(path: Path, shapes: dict[str, tuple[int, ...]], config
         )
 
 
-def _tokenizer(config: Path):
+def _tokenizer(config: Path, subfolder: str = "tokenizer"):
     """The config folder's tokenizer; one without vocab files borrows the shipped CLIP BPE files."""
     from transformers import CLIPTokenizer
 
-    folder = config / "tokenizer"
+    folder = config / subfolder
     if (folder / "vocab.json").exists() or (folder / "tokenizer.json").exists():
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     overrides = {}
@@ -273,16 +282,24 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict) -> St
     shapes = _checkpoint_shapes(path)
     family = _checkpoint_family(path, shapes)
     config = CONFIG_DIR / family if config is None else Path(config).expanduser()
-    _check_config(config)
+    _check_config(config, family)
     _check_against_config(path, shapes, config)
+    modules = _MODULES + (("text_encoder_2",) if family == "sdxl" else ())
     try:  # diffusers reads .ckpt with torch.load(weights_only=True): tensors only, no code runs
-        tokenizer = _tokenizer(config)
-        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), tokenizer=tokenizer, **kwargs)
+        if family == "sdxl":  # two tokenizers, no safety checker
+            from diffusers import StableDiffusionXLPipeline
+
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(path), config=str(config), tokenizer=_tokenizer(config), tokenizer_2=_tokenizer(config, "tokenizer_2"),
+                **{k: v for k, v in kwargs.items() if "safety" not in k})
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), tokenizer=_tokenizer(config),
+                                                            **kwargs)
     except Exception as err:  # diffusers raises many types here; all mean "cannot load"
         if "meta tensor" in str(err):  # a weight the file lacks stayed on the meta device
             raise ModelError(f"{path} lacks weights that {config} needs; the file and config do not match") from err
         raise ModelError(f"cannot load the checkpoint {path} with config {config}: {_first_line(err)}") from err
-    unloaded = [name for name in _MODULES if any(p.is_meta for p in getattr(pipe, name).parameters())]
+    unloaded = [name for name in modules if any(p.is_meta for p in getattr(pipe, name).parameters())]
     if unloaded:  # diffusers leaves weights the file lacks on the meta device, silently for some parts
         raise ModelError(
             f"{path} lacks weights for the {', '.join(unloaded)} of {config}; the file and config do not match"
