@@ -21,13 +21,15 @@ STAGE_PROMPTS = [
     "a striped red triangle", "a dotted green circle", "a checkered blue square",
     "a red circle on the left", "a blue square, dark background",
 ]
+DEFAULT_MODELS = ("toy", "sd15")  # sdxl only when asked: its fp32 weights alone take 14 GB
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_common_arguments(parser) -> None:
     """The flags both scripts share: models, device, dtype, threads, repeats, --quick."""
-    parser.add_argument("--model", action="append", help="'toy' (embedded), 'sd15' (SD 1.5 architecture, "
-                        "random weights) or a local diffusers folder; repeat for several (default: toy and sd15)")
+    parser.add_argument("--model", action="append", help="'toy' (embedded), 'sd15' / 'sdxl' (SD 1.5 / SDXL base "
+                        "architecture, random weights) or a local diffusers folder; repeat for several (default: toy "
+                        "and sd15)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of under a minute (toy model, tiny settings)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights' dtype")
@@ -40,12 +42,12 @@ def add_common_arguments(parser) -> None:
 
 
 def settings(args, presets: dict, quick) -> list:
-    """The settings to run: one per --model (default: every preset; --quick: the quick one on the toy
+    """The settings to run: one per --model (default: the DEFAULT_MODELS presets; --quick: the quick one on the toy
     model), with the shared overrides --batch, --size and --steps applied."""
     from dataclasses import replace
 
     out = []
-    for name in args.model or (["toy"] if args.quick else list(presets)):
+    for name in args.model or (["toy"] if args.quick else [p for p in presets if p in DEFAULT_MODELS]):
         base = quick if args.quick else presets.get(name, presets["toy"])
         out.append(replace(base, model=name, size=args.size or base.size, batch=args.batch or base.batch,
                            steps=args.steps or base.steps))
@@ -96,9 +98,11 @@ def load_average() -> str:
 
 
 def load_model(name: str, device: str, dtype: torch.dtype):
-    """A StableDiffusionPipeline: 'toy' (embedded), 'sd15' (random SD 1.5 weights) or a folder."""
+    """A stock pipeline: 'toy' (embedded), 'sd15' / 'sdxl' (random SD 1.5 / SDXL weights) or a folder."""
     if name == "sd15":
         pipe = random_sd15()
+    elif name == "sdxl":
+        pipe = random_sdxl()
     else:
         from prospect.loading import load_pipeline
 
@@ -124,6 +128,30 @@ def random_sd15():
     return StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                                    unet=unet.eval(), scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+
+
+def random_sdxl():
+    """SDXL base 1.0's architecture (both text encoders) with random weights, from the package's SDXL configs."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from prospect.loading import CONFIG_DIR, _tokenizer
+
+    folder = CONFIG_DIR / "sdxl"
+    torch.manual_seed(0)
+    text = lambda name: CLIPTextConfig.from_pretrained(folder / name, local_files_only=True)  # noqa: E731
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")).eval(),
+        text_encoder=CLIPTextModel(text("text_encoder")).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(text("text_encoder_2")).eval(),
+        tokenizer=_tokenizer(folder), tokenizer_2=_tokenizer(folder, "tokenizer_2"),
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")).eval(),
+        scheduler=DDIMScheduler.from_config(DDIMScheduler.load_config(folder / "scheduler")))
+
+
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders (SDXL: both)."""
+    return [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
 
 
 def sync(device: str) -> None:

@@ -11,6 +11,7 @@ encoding. Usage (from the repository root):
 
     python bench/generation.py            # embedded toy model and random-weight SD 1.5 at 512 px
     python bench/generation.py --quick    # smoke run, under a minute
+    python bench/generation.py --model sdxl   # random-weight SDXL base at 256 px (about 15 GB of memory)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from prospect.pipeline import ProSpectPipeline
 class Setting:
     """One benchmarked configuration."""
 
-    model: str  # 'toy', 'sd15' or a folder
+    model: str  # 'toy', 'sd15', 'sdxl' or a folder
     size: int | None  # pixels; None = the model's default
     steps: int  # DDIM steps
     batch: int  # images per call (num_images_per_prompt)
@@ -42,6 +43,7 @@ class Setting:
 PRESETS = {
     "toy": Setting("toy", None, 50, 4, repeats=5),
     "sd15": Setting("sd15", 512, 3, 1, repeats=3),
+    "sdxl": Setting("sdxl", 256, 3, 1, repeats=3),  # not in the default run: 14 GB of fp32 weights
 }
 QUICK = Setting("toy", None, 8, 2, repeats=2)
 
@@ -102,16 +104,16 @@ def run_setting(s: Setting, device: str, dtype: torch.dtype, seed: int) -> None:
                                              **kwargs),
     }
     common.interleaved({k: (lambda f=f: f(1)) for k, f in contenders.items()}, 1, device)  # warm-up
-    text, unet = Probe(pipe.text_encoder, device), Probe(pipe.unet, device)
+    texts, unet = [Probe(e, device) for e in common.text_encoders(pipe)], Probe(pipe.unet, device)
     counts: dict[str, list[Counts]] = {name: [] for name in contenders}
 
-    def read(name: str) -> None:
+    def read(name: str) -> None:  # SDXL: both text encoders' calls, sequences and seconds summed
         unet_calls, _, unet_seconds = unet.take()
-        counts[name].append(Counts(*text.take(), unet_calls, unet_seconds))
+        counts[name].append(Counts(*map(sum, zip(*(t.take() for t in texts))), unet_calls, unet_seconds))
 
     times = common.interleaved({k: (lambda f=f: f(s.steps)) for k, f in contenders.items()}, s.repeats, device, read)
-    text.remove()
-    unet.remove()
+    for probe in (*texts, unet):
+        probe.remove()
     _report(s, size, device, times, counts)
     print(f"\n({s.model}: {time.perf_counter() - began:.0f} s in all, model loading included)")
 

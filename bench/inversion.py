@@ -11,6 +11,10 @@ what each speed lever does to the irreducible step. Usage (from the repository r
     python bench/inversion.py            # embedded toy model and random-weight SD 1.5 at 512 px
     python bench/inversion.py --quick    # smoke run, under a minute
     python bench/inversion.py --model sd15 --device cuda --dtype bf16 --peak-tflops 989 --batch 8
+    python bench/inversion.py --model sdxl   # random-weight SDXL base at 256 px (about 16 GB of memory)
+
+On SDXL the irreducible text work is both encoders (through the pipeline's ``encode_prompt``, as
+``invert`` does) and the UNet also takes the pooled embedding and the size conditioning.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ NOMINAL_GFLOP = (803, 803, 26)  # per sample at 512 px, SD 1.5: UNet forward, UN
 class Setting:
     """One benchmarked configuration."""
 
-    model: str  # 'toy', 'sd15' or a folder
+    model: str  # 'toy', 'sd15', 'sdxl' or a folder
     size: int | None  # pixels; None = the model's default
     batch: int  # samples per step
     steps: int  # invert steps per call; step 0 carries the setup and is not timed
@@ -49,6 +53,7 @@ class Setting:
 PRESETS = {
     "toy": Setting("toy", None, 10, 8, 4, True, 3),
     "sd15": Setting("sd15", 512, 1, 3, 2, False, 1, lever_rounds=1),
+    "sdxl": Setting("sdxl", 256, 1, 3, 2, False, 1, lever_rounds=1),  # not in the default run
 }
 QUICK = Setting("toy", None, 4, 3, 1, True, 1, lever_rounds=1)
 
@@ -60,9 +65,9 @@ class Irreducible:
     def __init__(self, pipe, batch: int, size: int, num_stages: int, device: str, seed: int):
         gen = torch.Generator().manual_seed(seed)
         unique = min(batch, num_stages)  # a stratified step of `batch` samples covers this many stages
-        prompts = [common.STAGE_PROMPTS[k % len(common.STAGE_PROMPTS)] for k in range(unique)]  # padded: same cost
+        self.prompts = [common.STAGE_PROMPTS[k % len(common.STAGE_PROMPTS)] for k in range(unique)]  # padded: same cost
         tok = pipe.tokenizer
-        self.ids = tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+        self.ids = tok(self.prompts, padding="max_length", truncation=True, max_length=tok.model_max_length,
                        return_tensors="pt").input_ids.to(device)
         self.pick = (torch.arange(batch) % unique).to(device)
         side = size // pipe.vae_scale_factor
@@ -71,19 +76,28 @@ class Irreducible:
         self.noisy = torch.randn(shape, generator=gen).to(device, dtype)
         self.noise = torch.randn(shape, generator=gen).to(device, dtype)
         self.t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
-        self.unet, self.text_encoder = pipe.unet, pipe.text_encoder
+        self.pipe, self.unet, self.text_encoder, self.device = pipe, pipe.unet, pipe.text_encoder, device
+        self.xl = getattr(pipe, "text_encoder_2", None) is not None
+        if self.xl:  # SDXL's size conditioning: original size, crop, target size
+            self.time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=dtype, device=device)
         self.autocast = (torch.autocast("cuda", dtype=dtype) if device.startswith("cuda") and dtype != torch.float32
                          else contextlib.nullcontext())
 
     def __call__(self) -> None:
         leaf = lambda module, args, out: out.detach().requires_grad_()  # noqa: E731  (the gradient stops here)
-        handle = self.text_encoder.get_input_embeddings().register_forward_hook(leaf)
+        handles = [e.get_input_embeddings().register_forward_hook(leaf) for e in common.text_encoders(self.pipe)]
         try:
             with self.autocast:
-                states = self.text_encoder(self.ids)[0]
-                pred = self.unet(self.noisy, self.t, encoder_hidden_states=states[self.pick]).sample
+                if self.xl:
+                    states, _, pooled, _ = self.pipe.encode_prompt(self.prompts, device=self.device,
+                                                                   do_classifier_free_guidance=False)
+                    extra = {"added_cond_kwargs": {"text_embeds": pooled[self.pick], "time_ids": self.time_ids}}
+                else:
+                    states, extra = self.text_encoder(self.ids)[0], {}
+                pred = self.unet(self.noisy, self.t, encoder_hidden_states=states[self.pick], **extra).sample
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         F.mse_loss(pred.float(), self.noise.float()).backward()
 
 
@@ -150,7 +164,7 @@ def run_setting(s: Setting, args) -> None:
     cfg = InversionConfig(steps=s.steps, batch_size=s.batch, resolution=size, checkpoint_every=0, seed=args.seed,
                           mixed_precision=mixed_precision(device, dtype))
     images = reference_images(1, size, args.seed)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):  # as invert does; also before its first call
+    for part in (pipe.unet, pipe.vae, *common.text_encoders(pipe)):  # as invert does; also before its first call
         part.requires_grad_(False)
     irreducible = Irreducible(pipe, s.batch, size, cfg.num_stages, device, args.seed)
     flops = count_flops(irreducible)  # also the irreducible step's warm-up

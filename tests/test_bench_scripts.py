@@ -74,6 +74,32 @@ def test_inversion_quick_prints_ratio_memory_and_levers(bench, tiny_model_dir, c
     assert _row(out, "torch.compile(unet)")[0].startswith("not measured")
 
 
+@pytest.fixture()
+def tiny_sdxl_dir(tiny_sdxl, tmp_path):
+    tiny_sdxl.save_pretrained(tmp_path / "sdxl")
+    return tmp_path / "sdxl"
+
+
+def test_generation_and_inversion_benchmarks_run_on_sdxl(bench, tiny_sdxl_dir, capsys):
+    bench("generation").main(["--quick", "--model", str(tiny_sdxl_dir)])
+    out = capsys.readouterr().out
+    stock_calls, prospect_calls, one_calls = map(int, _row(out, "text-encoder calls per call"))
+    assert stock_calls == 2 and prospect_calls == one_calls == 2  # each of the two encoders once per call
+    assert _row(out, "UNet calls per call") == ["8", "8", "8"]
+    assert all(math.isfinite(_number(c)) for c in _row(out, "ratio to stock, wall (medians)")[1:])
+    bench("inversion").main(["--quick", "--model", str(tiny_sdxl_dir), "--no-levers"])
+    out = capsys.readouterr().out
+    assert math.isfinite(_number(_row(out, "ratio invert/irreducible, wall (medians)")[0]))
+    assert _number(_row(out, "model FLOPs per step (counted), GFLOP")[-1]) > 0
+
+
+def test_sdxl_is_a_model_the_benchmarks_know_but_not_a_default(bench):
+    common = bench("common")
+    args = type("Args", (), {"model": None, "quick": False, "size": None, "batch": None, "steps": None})()
+    names = [s.model for s in common.settings(args, bench("generation").PRESETS, bench("generation").QUICK)]
+    assert names == ["toy", "sd15"] and "sdxl" in bench("inversion").PRESETS
+
+
 def test_reconstruction_pilot_prints_a_row_per_setting(bench, capsys):
     bench("reconstruction_pilot").main(["--setting", "snr_gamma=0", "--setting", "snr_gamma=5,lr=0.01",
                                         "--references", "1", "--images", "2", "--steps", "2"])
