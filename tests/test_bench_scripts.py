@@ -80,6 +80,7 @@ def tiny_sdxl_dir(tiny_sdxl, tmp_path):
     return tmp_path / "sdxl"
 
 
+@pytest.mark.slow
 def test_generation_and_inversion_benchmarks_run_on_sdxl(bench, tiny_sdxl_dir, capsys):
     bench("generation").main(["--quick", "--model", str(tiny_sdxl_dir)])
     out = capsys.readouterr().out
@@ -100,6 +101,7 @@ def test_sdxl_is_a_model_the_benchmarks_know_but_not_a_default(bench):
     assert names == ["toy", "sd15"] and "sdxl" in bench("inversion").PRESETS
 
 
+@pytest.mark.slow
 def test_reconstruction_pilot_prints_a_row_per_setting(bench, capsys):
     bench("reconstruction_pilot").main(["--setting", "snr_gamma=0", "--setting", "snr_gamma=5,lr=0.01",
                                         "--references", "1", "--images", "2", "--steps", "2"])

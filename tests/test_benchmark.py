@@ -162,6 +162,7 @@ def _script_main():
     return runpy.run_path(str(SCRIPT), run_name="bench_transfer")["main"]
 
 
+@pytest.mark.slow
 def test_transfer_script_smoke_run_writes_results_and_resumes(tmp_path):
     """The script end to end on the embedded model with a minute budget (numbers are meaningless)."""
     main = _script_main()

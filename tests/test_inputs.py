@@ -109,7 +109,7 @@ UI = ["ui", "--model", "{model}", "--out", "{out}"]
 FLAGS = [  # (base command line, flag, kind)
     (TRAIN, "--stages", "count"), (TRAIN, "--vectors-per-stage", "count"), (TRAIN, "--steps", "count"),
     (TRAIN, "--lr", "rate"), (TRAIN, "--batch-size", "count"), (TRAIN, "--resolution", "size"),
-    (TRAIN, "--flip-p", "prob"), (TRAIN, "--snr-gamma", "rate"), (TRAIN, "--seed", "seed"), (TRAIN, "--checkpoint-every", "count0"),
+    (TRAIN, "--flip-p", "prob"), (TRAIN, "--snr-gamma", "rate"), (TRAIN, "--ti-warmup", "count0"), (TRAIN, "--seed", "seed"), (TRAIN, "--checkpoint-every", "count0"),
     (TRAIN, "--validation-every", "count0"), (TRAIN, "--parameterization", "choice"), (TRAIN, "--crop", "choice"),
     (TRAIN, "--mixed-precision", "choice"), (TRAIN, "--dtype", "choice"), (TRAIN, "--device", "device"),
     (GENERATE, "--steps", "count"), (GENERATE, "--guidance-scale", "guidance"), (GENERATE, "--seed", "seed"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -228,3 +230,27 @@ def test_min_snr_weighting_changes_training_and_off_keeps_it_bit_equal(clip_toke
     c = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), InversionConfig(**{**base.__dict__, "snr_gamma": 5.0}),
                progress=False, accelerator=Solo())
     assert torch.equal(a.embeddings, b.embeddings) and not torch.equal(a.embeddings, c.embeddings)
+
+
+def test_a_textual_inversion_warm_up_learns_one_token_then_each_stage_its_own(clip_tokenizer_dir, tmp_path):
+    from conftest import build_tiny_pipeline
+    from prospect.distributed import Solo
+
+    cfg = InversionConfig(steps=4, batch_size=5, lr=0.05, vectors_per_stage=1, checkpoint_every=2, ti_warmup=2)
+    run = lambda c, **kw: invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), c, progress=False,  # noqa: E731
+                                 accelerator=Solo(), **kw)
+    start = run(replace(cfg, steps=1, lr=0.0)).embeddings
+    warm = run(replace(cfg, steps=2)).embeddings
+    assert torch.equal(warm, warm[:1].expand_as(warm)) and not torch.equal(warm, start)  # one token, every stage
+    whole = run(cfg, checkpoint=tmp_path / "end.ckpt")
+    assert (whole.embeddings - whole.embeddings[:1]).abs().amax() > 0  # then the stages part
+    # the stages learn only their differences: the shared token keeps its warm-up value (free stages)
+    ckpt = tmp_path / "c.ckpt"
+    run(replace(cfg, steps=2), checkpoint=ckpt)
+    resumed = run(cfg, checkpoint=ckpt, resume=True)
+    torch.testing.assert_close(resumed.embeddings, whole.embeddings, rtol=0, atol=1e-6)
+    from prospect.checkpoint import load_checkpoint
+
+    torch.testing.assert_close(load_checkpoint(tmp_path / "end.ckpt")["shared"], warm[:1], rtol=0, atol=1e-6)
+    with pytest.raises(InversionError, match="ti_warmup must be an integer >= 0"):
+        run(replace(cfg, ti_warmup=-1))

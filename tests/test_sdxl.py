@@ -176,18 +176,15 @@ def test_the_cli_trains_and_generates_on_an_sdxl_folder(tiny_sdxl, tmp_path, cap
 
     folder = tmp_path / "sdxl"
     tiny_sdxl.save_pretrained(folder)
-    words = [w for w in WORDS for w in ("--word", w)]
-    assert main(["generate", "--model", str(folder), *words, "--steps", "4", "--scheduler", "euler",
-                 "--out", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "0-000.png").exists()
     refs = write_reference_images(tmp_path)
     out = tmp_path / "c.safetensors"
     assert main(["train", str(refs), "--model", str(folder), "--out", str(out), "--steps", "2",
                  "--vectors-per-stage", "1"]) == 0
     assert "(10 stages x 32 + 48, placeholder '*')" in capsys.readouterr().out
     assert Concept.load(out).family == "sdxl"
-    assert main(["generate", "--model", str(folder), "--concept", str(out), "--prompt", "a * cube", "--steps", "4",
-                 "--out", str(tmp_path / "gen")]) == 0
+    words = [f"a * {w}" for w in WORDS[:5]] + WORDS[5:]  # the concept in the last stages, text in the first
+    assert main(["generate", "--model", str(folder), "--concept", str(out), *[a for w in words for a in ("--word", w)],
+                 "--steps", "4", "--scheduler", "euler", "--out", str(tmp_path / "gen")]) == 0
     assert (tmp_path / "gen" / "0-000.png").exists()
 
 

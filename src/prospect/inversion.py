@@ -54,6 +54,9 @@ class InversionConfig:
     parameterization: str = field(default="free", metadata={
         "choices": ("free", "shared"),
         "help": "free: N independent stage tokens; shared: a token shared by all stages plus a per-stage difference"})
+    ti_warmup: int = field(default=0, metadata={
+        "help": "steps at the start that learn one token for every stage (textual inversion) before each stage "
+                "learns its own difference from it (0 = none)"})
     steps: int = field(default=500, metadata={"help": "optimisation steps"})
     lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the token rows"})
     batch_size: int = field(default=10, metadata={"help": "samples per step (train: over all processes)"})
@@ -92,7 +95,7 @@ def check_config(cfg: InversionConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= value <= top:
             raise InversionError(f"{name} must be an integer in [1, {top}], got {value!r}{_WHY.get(name, '')}")
-    for name, never in (("validation_every", "never"), ("checkpoint_every", "no checkpoints")):
+    for name, never in (("validation_every", "never"), ("checkpoint_every", "no checkpoints"), ("ti_warmup", "none")):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
             raise InversionError(f"{name} must be an integer >= 0 (0 = {never}), got {value!r}")
@@ -188,8 +191,9 @@ class _ConceptRows(torch.nn.Module):
 def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
     """Identifies the data and settings a checkpoint belongs to (resume refuses a mismatch)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every")}
-    if not settings["snr_gamma"]:  # off: the fingerprint of checkpoints written before the option existed
-        del settings["snr_gamma"]
+    for name in ("snr_gamma", "ti_warmup"):  # off: the fingerprint of checkpoints written before the option existed
+        if not settings[name]:
+            del settings[name]
     h = hashlib.sha256(json.dumps(settings,
                                   sort_keys=True, default=list).encode())
     for im in images:
@@ -320,7 +324,8 @@ def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=Non
                       embeddings_2=init[1] if len(init) > 1 else None)
     token_ids = add_to_pipeline(pipe, concept)
     bases = [enc.get_input_embeddings() for _, enc in encoders]
-    coupled = cfg.num_stages if cfg.parameterization == "shared" and cfg.num_stages > 1 else 0  # one stage: nothing to couple
+    # a shared token plus per-stage deltas: the "shared" parameterization, or a textual-inversion warm-up
+    coupled = cfg.num_stages if (cfg.parameterization == "shared" or cfg.ti_warmup) and cfg.num_stages > 1 else 0
     layers = [_ConceptRows(base, ids, concept.rows(i).to(device), coupled).to(device)
               for i, (base, ids) in enumerate(zip(bases, token_ids))]
     opt = torch.optim.AdamW([p for layer in layers for p in layer.parts().values()], lr=cfg.lr, weight_decay=0.0)
@@ -366,11 +371,25 @@ def step(run: Inversion, index: int) -> StepLog:
     if torch.isfinite(loss_all):
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
+        _hold(run, index)
         if world > 1:
             for param in run.parts().values():
-                param.grad = acc.reduce(param.grad, "mean")
+                if param.grad is not None:
+                    param.grad = acc.reduce(param.grad, "mean")
         run.opt.step()
     return StepLog(index, loss_all.item(), [k for k, _ in keys])
+
+
+def _hold(run: Inversion, index: int) -> None:
+    """Drop the gradients of the parts that do not learn at step ``index`` (AdamW leaves a part without one as it is):
+    during the textual-inversion warm-up the per-stage deltas, after it, with free stages, the shared token."""
+    for layer in run.layers:
+        if layer.shared is None:
+            continue
+        if index < run.cfg.ti_warmup:
+            layer.delta.grad = None
+        elif run.cfg.parameterization == "free":
+            layer.shared.grad = None
 
 
 def _encode(pipe, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
