@@ -66,6 +66,18 @@ def test_train_generate_visualize_through_the_studio(studio, tmp_path):
     assert studio.visualize("my-cat", 2, 5.0, 0).exists()
 
 
+def test_the_studio_trains_and_generates_on_sdxl(tiny_sdxl, tmp_path):
+    from prospect.concept import Concept
+    from prospect.pipeline import ProSpectPipeline
+
+    studio = Studio(lambda: ProSpectPipeline(tiny_sdxl), tmp_path / "out")
+    path = studio.train([str(_reference(tmp_path))], "teddy", 2)
+    assert Concept.load(path).family == "sdxl"
+    rows = preset_rows("layout", 10, 5, "*", "a photo of a dog")
+    assert len(studio.generate("teddy", rows, None, 0.6, 3, 5.0, 0, 1)) == 1
+    assert studio.visualize("teddy", 2, 5.0, 0).exists()
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda s, t: s.train([], "x", 3), "upload"),
     (lambda s, t: s.train([str(_reference(t))], "  ", 3), "name"),
