@@ -254,3 +254,41 @@ def test_a_textual_inversion_warm_up_learns_one_token_then_each_stage_its_own(cl
     torch.testing.assert_close(load_checkpoint(tmp_path / "end.ckpt")["shared"], warm[:1], rtol=0, atol=1e-6)
     with pytest.raises(InversionError, match="ti_warmup must be an integer >= 0"):
         run(replace(cfg, ti_warmup=-1))
+
+
+def test_the_mapper_starts_at_the_initializer_learns_and_resumes(clip_tokenizer_dir, tmp_path):
+    from conftest import build_tiny_pipeline
+    from prospect.checkpoint import load_checkpoint
+    from prospect.distributed import Solo
+
+    cfg = InversionConfig(steps=4, batch_size=5, lr=0.05, vectors_per_stage=2, checkpoint_every=2,
+                          parameterization="mapper", initializer="cat")
+    run = lambda c, **kw: invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), c, progress=False,  # noqa: E731
+                                 accelerator=Solo(), **kw)
+    pipe = build_tiny_pipeline(clip_tokenizer_dir)
+    start = init_embeddings(pipe.tokenizer, pipe.text_encoder, "cat", 10, 2)
+    torch.testing.assert_close(run(replace(cfg, lr=0.0, steps=1)).embeddings, start, rtol=0, atol=0)
+    whole = run(cfg, checkpoint=tmp_path / "whole.ckpt")
+    moved = (whole.embeddings - start).abs().amax(-1)
+    assert moved.min() > 0 and not torch.allclose(whole.embeddings[0], whole.embeddings[9])  # every row, differently
+    assert {k.split(".")[0] for k in load_checkpoint(tmp_path / "whole.ckpt") if k.startswith("mapper.")} == {"mapper"}
+    run(replace(cfg, steps=2), checkpoint=tmp_path / "half.ckpt")
+    resumed = run(cfg, checkpoint=tmp_path / "half.ckpt", resume=True)
+    torch.testing.assert_close(resumed.embeddings, whole.embeddings, rtol=0, atol=1e-6)
+    with pytest.raises(InversionError, match="ti_warmup needs the free or shared"):
+        run(replace(cfg, ti_warmup=2))
+
+
+def test_the_smoothness_prior_draws_neighbouring_stages_together(clip_tokenizer_dir):
+    from conftest import build_tiny_pipeline
+    from prospect.distributed import Solo
+    from prospect.inversion import _roughness
+
+    cfg = InversionConfig(steps=4, batch_size=5, lr=0.05, vectors_per_stage=1, checkpoint_every=0)
+    run = lambda c: invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), c, progress=False,  # noqa: E731
+                           accelerator=Solo()).embeddings
+    rough, smooth = run(cfg), run(replace(cfg, smoothness=100.0))
+    assert _roughness(smooth, 10) < 0.5 * _roughness(rough, 10)
+    assert torch.equal(run(replace(cfg, smoothness=0.0)), rough)
+    with pytest.raises(InversionError, match="smoothness must be a finite number >= 0"):
+        run(replace(cfg, smoothness=float("nan")))

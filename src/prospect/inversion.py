@@ -52,8 +52,11 @@ class InversionConfig:
     vectors_per_stage: int = field(default=6, metadata={"help": "prompt tokens each stage's token stands for"})
     # 6, not 1: on the embedded model one vector per stage reconstructs 0.09, six 0.47 (docs/inversion-fidelity.md)
     parameterization: str = field(default="free", metadata={
-        "choices": ("free", "shared"),
-        "help": "free: N independent stage tokens; shared: a token shared by all stages plus a per-stage difference"})
+        "choices": ("free", "shared", "mapper"),
+        "help": "free: N independent stage tokens; shared: a token shared by all stages plus a per-stage difference; "
+                "mapper: a small transformer block maps the initializer's embedding to the N tokens (official code)"})
+    smoothness: float = field(default=0.0, metadata={
+        "help": "weight of a penalty on the squared distance between neighbouring stages' tokens (0 = off)"})
     ti_warmup: int = field(default=0, metadata={
         "help": "steps at the start that learn one token for every stage (textual inversion) before each stage "
                 "learns its own difference from it (0 = none)"})
@@ -101,7 +104,7 @@ def check_config(cfg: InversionConfig) -> None:
             raise InversionError(f"{name} must be an integer >= 0 (0 = {never}), got {value!r}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, Integral) or not 0 <= cfg.seed < 2 ** 63:
         raise InversionError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}")
-    for name in ("lr", "flip_p", "snr_gamma"):
+    for name in ("lr", "flip_p", "snr_gamma", "smoothness"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, Real):
             raise InversionError(f"{name} must be a number, got {type(value).__name__} {value!r}")
@@ -120,12 +123,15 @@ def check_config(cfg: InversionConfig) -> None:
         raise InversionError(f"resolution must be an integer or None, got {cfg.resolution!r}")
     if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8 or cfg.resolution > MAX_SIDE):
         raise InversionError(f"resolution must be a positive multiple of 8 up to {MAX_SIDE}, got {cfg.resolution}")
-    if cfg.parameterization not in ("free", "shared"):
-        raise InversionError(f"parameterization must be 'free' or 'shared', got {cfg.parameterization!r}")
+    if cfg.parameterization not in ("free", "shared", "mapper"):
+        raise InversionError(f"parameterization must be 'free', 'shared' or 'mapper', got {cfg.parameterization!r}")
+    if cfg.parameterization == "mapper" and cfg.ti_warmup:
+        raise InversionError("ti_warmup needs the free or shared parameterization, not the mapper")
     if not 0.0 <= cfg.flip_p <= 1.0:  # also catches NaN
         raise InversionError(f"flip_p must be a probability in [0, 1], got {cfg.flip_p}")
-    if not 0 <= cfg.snr_gamma < float("inf"):  # also catches NaN
-        raise InversionError(f"snr_gamma must be a finite number >= 0 (0 = off), got {cfg.snr_gamma}")
+    for name in ("snr_gamma", "smoothness"):
+        if not 0 <= getattr(cfg, name) < float("inf"):  # also catches NaN
+            raise InversionError(f"{name} must be a finite number >= 0 (0 = off), got {getattr(cfg, name)}")
     if not 0 <= cfg.lr <= MAX_LR:  # also catches NaN; torch's optimisers overflow on lr > 3.4e38
         raise InversionError(f"lr must be a finite number in [0, {MAX_LR:g}], got {cfg.lr}")
     if not cfg.templates:
@@ -153,12 +159,17 @@ class _ConceptRows(torch.nn.Module):
 
     ``stages`` > 0 couples the stages (``parameterization="shared"``): row (k, v) = shared[v] + delta[k, v],
     so what every stage needs is learned from the whole batch and each stage learns only its difference.
+    With a ``mapper`` (``parameterization="mapper"``) the rows are its output.
     """
 
-    def __init__(self, base: torch.nn.Embedding, token_ids: list[int], rows: torch.Tensor, stages: int = 0):
+    def __init__(self, base: torch.nn.Embedding, token_ids: list[int], rows: torch.Tensor, stages: int = 0,
+                 mapper: torch.nn.Module | None = None):
         super().__init__()
         self.base = base
-        if stages:
+        self.mapper = mapper  # parameterization="mapper": the rows are its output
+        if mapper is not None:
+            self.shared = self.delta = None
+        elif stages:
             per_stage = rows.reshape(stages, -1, rows.shape[-1])
             self.shared = torch.nn.Parameter(per_stage.mean(0).clone())
             self.delta = torch.nn.Parameter((per_stage - per_stage.mean(0)).reshape(rows.shape).clone())
@@ -172,13 +183,17 @@ class _ConceptRows(torch.nn.Module):
     @property
     def rows(self) -> torch.Tensor:
         """The concept's rows, in ``Concept.tokens()`` order."""
+        if self.mapper is not None:
+            return self.mapper()
         if self.shared is None:
             return self.delta
         vectors = self.shared.shape[0]
         return (self.delta.reshape(-1, vectors, self.delta.shape[-1]) + self.shared).reshape(self.delta.shape)
 
     def parts(self) -> dict[str, torch.nn.Parameter]:
-        """The trainable tensors by checkpoint name: the rows (free), or the shared part and the deltas."""
+        """The trainable tensors by checkpoint name: the rows (free), the shared part and the deltas, or the mapper's."""
+        if self.mapper is not None:
+            return {f"mapper.{name}": p for name, p in self.mapper.named_parameters()}
         return {"rows": self.delta} if self.shared is None else {"shared": self.shared, "delta": self.delta}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -188,10 +203,36 @@ class _ConceptRows(torch.nn.Module):
         return torch.where((slot >= 0).unsqueeze(-1), picked, out)
 
 
+class _StageMapper(torch.nn.Module):
+    """The official code's form of the learned tokens: one transformer block maps the initial rows (the initializer's
+    embedding), each with a learned position, to the N x V rows. The output layer starts at zero, so training starts
+    from the initializer exactly as the free rows do."""
+
+    def __init__(self, start: torch.Tensor):
+        super().__init__()
+        width = start.shape[-1]
+        self.register_buffer("start", start.detach().clone(), persistent=False)
+        self.position = torch.nn.Parameter(torch.randn_like(start) * start.norm(dim=-1).mean() * 0.1)
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.attention = torch.nn.MultiheadAttention(width, 1, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * width, width))
+        self.out = torch.nn.Linear(width, width)
+        torch.nn.init.zeros_(self.out.weight)
+        torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self) -> torch.Tensor:
+        h = (self.start + self.position)[None]
+        x = self.norm1(h)
+        h = h + self.attention(x, x, x, need_weights=False)[0]
+        h = h + self.mlp(self.norm2(h))
+        return self.start + self.out(h)[0]
+
+
 def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
     """Identifies the data and settings a checkpoint belongs to (resume refuses a mismatch)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every")}
-    for name in ("snr_gamma", "ti_warmup"):  # off: the fingerprint of checkpoints written before the option existed
+    for name in ("snr_gamma", "ti_warmup", "smoothness"):  # off: the fingerprint of checkpoints made before the option
         if not settings[name]:
             del settings[name]
     h = hashlib.sha256(json.dumps(settings,
@@ -326,7 +367,10 @@ def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=Non
     bases = [enc.get_input_embeddings() for _, enc in encoders]
     # a shared token plus per-stage deltas: the "shared" parameterization, or a textual-inversion warm-up
     coupled = cfg.num_stages if (cfg.parameterization == "shared" or cfg.ti_warmup) and cfg.num_stages > 1 else 0
-    layers = [_ConceptRows(base, ids, concept.rows(i).to(device), coupled).to(device)
+    with torch.random.fork_rng(devices=[]):  # the mapper's initial weights come from the seed too
+        torch.manual_seed(cfg.seed)
+        mappers = [_StageMapper(concept.rows(i)) if cfg.parameterization == "mapper" else None for i in range(len(bases))]
+    layers = [_ConceptRows(base, ids, concept.rows(i).to(device), coupled, mappers[i]).to(device)
               for i, (base, ids) in enumerate(zip(bases, token_ids))]
     opt = torch.optim.AdamW([p for layer in layers for p in layer.parts().values()], lr=cfg.lr, weight_decay=0.0)
     mean, std = _cache_latents(pipe, images, cfg, device)
@@ -368,6 +412,8 @@ def step(run: Inversion, index: int) -> StepLog:
     else:
         loss = F.mse_loss(pred.float(), target)
     loss_all = acc.reduce(loss.detach(), "mean") if world > 1 else loss.detach()
+    if cfg.smoothness:  # the same on every process; the reported loss stays the denoising loss
+        loss = loss + cfg.smoothness * sum(_roughness(layer.rows, cfg.num_stages) for layer in run.layers)
     if torch.isfinite(loss_all):
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -378,6 +424,12 @@ def step(run: Inversion, index: int) -> StepLog:
                     param.grad = acc.reduce(param.grad, "mean")
         run.opt.step()
     return StepLog(index, loss_all.item(), [k for k, _ in keys])
+
+
+def _roughness(rows: torch.Tensor, num_stages: int) -> torch.Tensor:
+    """Mean squared distance between the tokens of neighbouring stages (each vector to its own), 0 for one stage."""
+    per_stage = rows.reshape(num_stages, -1, rows.shape[-1]).float()
+    return (per_stage[1:] - per_stage[:-1]).pow(2).sum(-1).mean() if num_stages > 1 else per_stage.sum() * 0
 
 
 def _hold(run: Inversion, index: int) -> None:
