@@ -282,13 +282,13 @@ def test_the_mapper_starts_at_the_initializer_learns_and_resumes(clip_tokenizer_
 def test_the_smoothness_prior_draws_neighbouring_stages_together(clip_tokenizer_dir):
     from conftest import build_tiny_pipeline
     from prospect.distributed import Solo
-    from prospect.inversion import _roughness
+    from prospect.token_rows import roughness
 
     cfg = InversionConfig(steps=4, batch_size=5, lr=0.05, vectors_per_stage=1, checkpoint_every=0)
     run = lambda c: invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), c, progress=False,  # noqa: E731
                            accelerator=Solo()).embeddings
     rough, smooth = run(cfg), run(replace(cfg, smoothness=100.0))
-    assert _roughness(smooth, 10) < 0.5 * _roughness(rough, 10)
+    assert roughness(smooth, 10) < 0.5 * roughness(rough, 10)
     assert torch.equal(run(replace(cfg, smoothness=0.0)), rough)
     with pytest.raises(InversionError, match="smoothness must be a finite number >= 0"):
         run(replace(cfg, smoothness=float("nan")))
