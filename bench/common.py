@@ -150,8 +150,10 @@ def random_sdxl():
 
 
 def text_encoders(pipe) -> list:
-    """The pipeline's text encoders (SDXL: both)."""
-    return [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    """The pipeline's text encoders (SDXL: both), as a concept has rows in them."""
+    from prospect.concept import text_encoders as pairs
+
+    return [encoder for _, encoder in pairs(pipe)]
 
 
 def sync(device: str) -> None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+from prospect.concept import model_family
 from prospect.inversion import InversionConfig, invert
 
 NOMINAL_GFLOP = (803, 803, 26)  # per sample at 512 px, SD 1.5: UNet forward, UNet backward to input, text encoder
@@ -77,7 +78,7 @@ class Irreducible:
         self.noise = torch.randn(shape, generator=gen).to(device, dtype)
         self.t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
         self.pipe, self.unet, self.text_encoder, self.device = pipe, pipe.unet, pipe.text_encoder, device
-        self.xl = getattr(pipe, "text_encoder_2", None) is not None
+        self.xl = model_family(pipe) == "sdxl"
         if self.xl:  # SDXL's size conditioning: original size, crop, target size
             self.time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=dtype, device=device)
         self.autocast = (torch.autocast("cuda", dtype=dtype) if device.startswith("cuda") and dtype != torch.float32

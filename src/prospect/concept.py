@@ -368,13 +368,18 @@ def text_encoders(pipe) -> list[tuple]:
     return pairs
 
 
-def add_to_pipeline(pipe, concept: Concept) -> list[list[int]]:
-    """Add the concept's stage tokens to every text encoder of ``pipe`` (both for SDXL); a concept of the other
-    model family is refused in one line naming both. Returns each encoder's token ids."""
+def check_family(pipe, concept: Concept) -> None:
+    """Refuse, in one line naming both, a concept of the other model family than ``pipe``'s."""
     family = model_family(pipe)
     if concept.family != family:
         raise ConceptError(f"concept {concept.placeholder!r} is {concept.described()} but the model is "
                            f"{FAMILIES[family]}; learn the concept on this model (prospect train)")
+
+
+def add_to_pipeline(pipe, concept: Concept) -> list[list[int]]:
+    """Add the concept's stage tokens to every text encoder of ``pipe`` (both for SDXL), after
+    :func:`check_family`. Returns each encoder's token ids."""
+    check_family(pipe, concept)
     return [add_concept(tok, enc, concept, i) for i, (tok, enc) in enumerate(text_encoders(pipe))]
 
 

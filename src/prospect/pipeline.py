@@ -28,7 +28,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from PIL import Image
 
-from .concept import Concept, add_to_pipeline, model_family
+from .concept import Concept, add_to_pipeline, check_family, model_family
 from .data import MAX_SIDE
 from .spectrum import build_spectrum
 from .stage_switch import StageSwitch, denoised_timesteps
@@ -150,8 +150,7 @@ class ProSpectPipeline:
         placeholder."""
         if not isinstance(concept, Concept):
             concept = Concept.load(concept)
-        if concept.family != self.family:
-            add_to_pipeline(self.pipe, concept)  # raises the one-line family error
+        check_family(self.pipe, concept)
         if concept.num_train_timesteps != self.stage_map.num_train_timesteps:
             raise ValueError(
                 f"concept was learned over {concept.num_train_timesteps} timesteps but the scheduler has "

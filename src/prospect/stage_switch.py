@@ -24,6 +24,7 @@ quiet_by_default()  # before diffusers' first import logs its notes
 import torch
 from diffusers.callbacks import PipelineCallback
 
+from .concept import model_family
 from .stages import StageMap
 
 
@@ -79,7 +80,7 @@ class StageSwitch(PipelineCallback):
         row = {text: i for i, text in enumerate(unique)}
         pick = lambda rows: {k: rows[[row[texts[k]] for texts in stage_texts]] for k in stages}  # noqa: E731
         batch = len(stage_texts)
-        if hasattr(pipe, "text_encoder_2"):  # SDXL: both encoders' hidden states, and the pooled embedding
+        if model_family(pipe) == "sdxl":  # both encoders' hidden states, and the pooled embedding
             # as stock SDXL: no negative prompt means zeros where the model was trained so
             zeros = negative_prompt is None and pipe.config.get("force_zeros_for_empty_prompt", False)
             texts = unique + ([] if zeros else [negative_prompt or ""])
