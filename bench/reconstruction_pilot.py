@@ -31,8 +31,9 @@ def main(argv=None) -> None:
     p.add_argument("--references", type=int, default=4)
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--steps", type=int, default=BASE.steps, help="inversion steps (a smoke run: a few)")
+    p.add_argument("--model", default=None, help="model folder (default: the embedded toy-world model)")
     args = p.parse_args(argv)
-    pp = ProSpectPipeline.from_pretrained()
+    pp = ProSpectPipeline.from_pretrained(args.model)
     pp.pipe.set_progress_bar_config(disable=True)
     print(f"| setting | {' | '.join(world.ATTRIBUTES)} | all | s / reference |\n|---" + "|---" * (len(world.ATTRIBUTES) + 2) + "|")
     for setting in args.setting:

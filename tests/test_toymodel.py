@@ -45,6 +45,42 @@ def test_shipped_model_is_small_safetensors_and_loads_offline(monkeypatch):
     assert json.loads((path / "training.json").read_text())["recipe"]["seed"] == 0
 
 
+def test_composable_captions_redraw_only_what_the_image_already_shows():
+    """With ``p_swap`` the recipe redraws the words of the attributes settled at a sample's timestep
+    (layout below ``layout_open_from``, colour below ``colour_open_from``) and never the texture's;
+    with it off the captions are those of the recipe before the option, draw for draw."""
+    from dataclasses import replace
+
+    from prospect.toyworld.recipe.train import ToyTrainConfig, _captions, settled
+
+    base = replace(ToyTrainConfig(), p_uncond=0.0, p_omit=0.0)
+    assert settled(base, 499) == ("position", "shape", "background") and settled(base, 500) == ()
+    assert settled(base, 299) == ("position", "shape", "background", "colour")
+    scene = world.Scene("left", "square", "red", "striped", "dark")
+    codes = torch.tensor([[world.CHOICES[a].index(getattr(scene, a)) for a in world.ATTRIBUTES]] * 400)
+    truth = world.caption(scene)
+
+    def captions(cfg, t):
+        return _captions(codes, torch.full((len(codes),), t), np.random.default_rng(0), cfg)
+
+    swap = replace(base, p_swap=1.0)
+    assert set(captions(swap, 500)) == {truth}  # nothing settled yet: the true caption
+    late = captions(swap, 100)
+    assert all(c.startswith("a striped ") for c in late)  # texture is never redrawn
+    for word, values in (("left", world.POSITIONS), ("square", world.SHAPES), ("red", world.COLOURS),
+                         ("dark", world.BACKGROUNDS)):
+        share = np.mean([word in c.split() or word + "," in c.split() for c in late])
+        assert abs(share - 1 / len(values)) < 0.08, (word, share)  # uniform: the word says nothing
+    middle = captions(swap, 400)
+    assert all(" red " in c for c in middle) and np.mean(["on the left" in c for c in middle]) < 0.35
+
+    default = ToyTrainConfig()
+    rng = np.random.default_rng(3)
+    old = ["" if rng.random() < default.p_uncond else world.random_caption(scene, rng, default.p_omit)
+           for _ in range(50)]
+    assert _captions(codes[:50], torch.zeros(50, dtype=torch.long), np.random.default_rng(3), default) == old
+
+
 @pytest.fixture(scope="module")
 def toy():
     from prospect.pipeline import ProSpectPipeline
@@ -116,13 +152,15 @@ def test_recipe_resumes_to_the_same_weights_and_continues_from_a_model(tmp_path)
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
 
     main(["--work", str(tmp_path / "more"), "--out", str(tmp_path / "more-model"), *TINY_RECIPE, "--seed", "1",
-          "--init-from", str(tmp_path / "whole-model")])
+          "--init-from", str(tmp_path / "whole-model"), "--p-swap", "1"])
     vae_a, vae_b = _weights(tmp_path / "whole-model", "vae"), _weights(tmp_path / "more-model", "vae")
     assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
     more = _weights(tmp_path / "more-model", "unet")
     assert not all(torch.equal(whole[k], more[k]) for k in whole)
     scale = lambda d: json.loads((d / "vae" / "config.json").read_text())["scaling_factor"]  # noqa: E731
     assert scale(tmp_path / "more-model") == scale(tmp_path / "whole-model")
+    record = json.loads((tmp_path / "more-model" / "training.json").read_text())
+    assert record["recipe"]["p_swap"] == 1.0 and record["continued_from"]["recipe"]["seed"] == 0
 
 
 def test_no_module_of_the_core_imports_the_toy_world():

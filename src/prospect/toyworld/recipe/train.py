@@ -44,6 +44,12 @@ class ToyTrainConfig:
     ema_decay: float = 0.999  # the shipped UNet/text encoder are the EMA weights
     p_uncond: float = 0.1  # caption dropout, so classifier-free guidance works
     p_omit: float = 0.15  # each attribute left out of a caption with this probability
+    # Composable captions: below an attribute's timestep the image already shows it, and its word is
+    # redrawn at random with probability p_swap, so the model learns to follow x_t there, not the text,
+    # and a prompt switched late changes only what is still open (see the model card)
+    p_swap: float = 0.0
+    layout_open_from: int = 500  # position, shape and background words are redrawn at t below this
+    colour_open_from: int = 300  # colour words are redrawn at t below this; texture words never
     zero_snr: bool = True  # rescale SD's betas to zero terminal SNR (see architecture.build_schedulers)
     high_t_fraction: float = 0.25  # share of each batch drawn from t >= high_t_from (layout is learned there)
     high_t_from: int = 800
@@ -129,11 +135,24 @@ def encode_bank(cfg: ToyTrainConfig, vae, work: Path) -> dict:
     return bank
 
 
-def _captions(codes: torch.Tensor, rng: np.random.Generator, cfg: ToyTrainConfig) -> list[str]:
+def settled(cfg: ToyTrainConfig, t: int) -> tuple[str, ...]:
+    """The attributes whose word is redrawn at timestep ``t`` (the image decides them there)."""
+    out = ("position", "shape", "background") if t < cfg.layout_open_from else ()
+    return out + (("colour",) if t < cfg.colour_open_from else ())
+
+
+def _captions(codes: torch.Tensor, t: torch.Tensor, rng: np.random.Generator, cfg: ToyTrainConfig) -> list[str]:
     out = []
-    for row in codes.tolist():
+    for row, step in zip(codes.tolist(), t.tolist()):
         scene = world.Scene(**{a: world.CHOICES[a][k] for a, k in zip(world.ATTRIBUTES, row)})
-        out.append("" if rng.random() < cfg.p_uncond else world.random_caption(scene, rng, cfg.p_omit))
+        if rng.random() < cfg.p_uncond:
+            out.append("")
+            continue
+        if cfg.p_swap > 0:  # draws nothing when off, so the recipe without it is unchanged
+            redrawn = {a: world.CHOICES[a][rng.integers(len(world.CHOICES[a]))]
+                       for a in settled(cfg, step) if rng.random() < cfg.p_swap}
+            scene = scene.with_(**redrawn)
+        out.append(world.random_caption(scene, rng, cfg.p_omit))
     return out
 
 
@@ -171,10 +190,10 @@ def train_unet(cfg: ToyTrainConfig, bank: dict, tokenizer, work: Path):
         gen = torch.Generator().manual_seed(cfg.seed * 104729 + step)
         idx = torch.from_numpy(rng.integers(0, len(latents), cfg.unet_batch))
         x0 = latents[idx]
-        ids = tokenizer(_captions(codes[idx], rng, cfg), padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         noise = torch.randn(x0.shape, generator=gen)
         t = _timesteps(cfg, len(x0), noise_sched.config.num_train_timesteps, gen)
+        ids = tokenizer(_captions(codes[idx], t, rng, cfg), padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         noisy = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
         warm = min(1.0, (step + 1) / cfg.warmup)
@@ -252,8 +271,16 @@ def export(vae, unet, text, tokenizer, scaling_factor: float, out: Path, cfg: To
     pipe.save_pretrained(out, safe_serialization=True)
     for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files, for older transformers
         shutil.copy(Path(tokenizer.name_or_path) / name, out / "tokenizer" / name)
+    (out / "training.json").write_text(json.dumps(provenance(cfg, minutes), indent=2) + "\n")
+
+
+def provenance(cfg: ToyTrainConfig, minutes: float) -> dict:
+    """What ``training.json`` records: this run's settings and, for a continuation, its base model's record."""
     info = {"recipe": asdict(cfg), "train_minutes": round(minutes, 1), "torch": torch.__version__}
-    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    base = Path(cfg.init_from) / "training.json" if cfg.init_from else None
+    if base is not None and base.exists():
+        info["continued_from"] = json.loads(base.read_text())
+    return info
 
 
 def _flag(text: str) -> bool:
