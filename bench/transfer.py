@@ -49,11 +49,12 @@ class BenchConfig:
     flip_p: float = 0.0  # inversion's horizontal-flip probability, both methods (0.5 before #12)
     vectors: int = 6  # vectors per stage, both methods (TI: vectors of its one token; 1 before #12)
     parameterization: str = "free"  # ProSpect's stage coupling ("free" or "shared"; TI has one stage either way)
+    stage_choice: int = 16  # ProSpect: each stage keeps the best-denoising stage token (0 = its own; TI has one)
     seed: int = 0  # reference scenes, text attributes, inversions and image seeds derive from it
     seeds: int = 4  # images per reference per condition
     num_inference_steps: int = 20  # DDIM steps
     guidance_scale: float = 5.0
-    sweep: tuple[int, ...] = tuple(range(2, 9))  # split points k of the texture and layout sweeps
+    sweep: tuple[int, ...] = tuple(range(2, 9))  # split points k of the texture, content and layout sweeps
     n_boot: int = 2000  # bootstrap resamples
     mix_split: int = 5  # mixing: A's tokens in stages >= mix_split (layout), B's below (material)
     chosen: tuple[tuple[str, int, int], ...] = ()  # (task, lo, hi): ProSpect splits chosen on a pilot run, reported
@@ -86,7 +87,8 @@ def learn(pp: ProSpectPipeline, image: Image.Image, num_stages: int, path: Path,
     start = time.time()
     inv = InversionConfig(initializer=cfg.initializer, num_stages=num_stages, steps=cfg.steps, lr=cfg.lr,
                           batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=50, flip_p=cfg.flip_p,
-                          vectors_per_stage=cfg.vectors, parameterization=cfg.parameterization)
+                          vectors_per_stage=cfg.vectors, parameterization=cfg.parameterization,
+                          stage_choice=cfg.stage_choice)
     ckpt = path.with_suffix(".ckpt")
     concept = invert(pp.pipe, [image], inv, checkpoint=ckpt, resume=True, progress=False)
     concept.save(path)
@@ -174,7 +176,8 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
     """The tables of results.md (also printed)."""
     lines = [f"Attribute transfer on the toy world: {n_refs} references x {cfg.seeds} images per task; "
              f"inversion {cfg.steps} steps, lr {cfg.lr}, batch {cfg.batch_size}, initializer '{cfg.initializer}', "
-             f"flip p {cfg.flip_p}, {cfg.vectors} vector(s) per stage, {cfg.parameterization} stages; "
+             f"flip p {cfg.flip_p}, {cfg.vectors} vector(s) per stage, {cfg.parameterization} stages, "
+             f"stage choice {cfg.stage_choice or 'off'}; "
              f"DDIM {cfg.num_inference_steps}, CFG {cfg.guidance_scale}. 95 % intervals: Wilson over images "
              "(assumes independent images) and bootstrap over references (the one to read).", "",
              "| task | method | success | Wilson 95 % | bootstrap 95 % (refs) | " + " | ".join(world.ATTRIBUTES) + " |",
@@ -192,7 +195,7 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
         lines.append(f"| {task} | {d['mean']:+.2f} | [{d['lo']:+.2f}, {d['hi']:+.2f}] |")
     lines += ["", "Model ceiling: attribute accuracy from the plain full caption of each reference: " +
               ", ".join(f"{a} {v:.2f}" for a, v in summary["ceiling"].items()), "",
-              "Split sweep (ProSpect; texture: '*' in stages < k, layout: in stages >= k, colour: in [lo, hi); "
+              "Split sweep (ProSpect; texture and content: '*' in stages < k, layout: in stages >= k, colour: in [lo, hi); "
               "stage 0 = generation ends; * = default split, fixed a priori):", "",
               "| task | '*' stages | success | reference attrs | text attrs |", "|---|---|---|---|---|"]
     for task, rows in summary["sweep"].items():
@@ -220,16 +223,17 @@ def plot_sweep(summary: dict, path: Path) -> None:
     """One panel per transfer task: success, reference and text attribute rates against the split, with TI's and
     the caption ceiling's success as dashed levels."""
     panels = []
-    for task in ("texture", "layout", "colour"):
+    for task in ("texture", "layout", "colour", "content"):
         rows = summary["sweep"][task]
-        xs = [(r["split"][1] if task == "texture" else r["split"][0]) for r in rows]
+        xs = [(r["split"][0] if task in ("layout", "colour") else r["split"][1]) for r in rows]
         level = lambda name: [summary["main"][task][name]["success"]["rate"]] * 2  # noqa: E731
         series = [plots.Series("success", xs, [r["success"] for r in rows], "black", width=2.5),
                   plots.Series("reference attrs", xs, [r["from_reference"] for r in rows], "tab:blue"),
                   plots.Series("text attrs", xs, [r["from_text"] for r in rows], "tab:orange"),
                   plots.Series("TI success", [0, 10], level("ti"), "tab:red", "--"),
                   plots.Series("caption ceiling", [0, 10], level("caption"), "0.6", "--")]
-        what = {"texture": "'*' in stages < k", "layout": "'*' in stages >= k", "colour": "'*' in [k, k+4)"}[task]
+        what = {"texture": "'*' in stages < k", "layout": "'*' in stages >= k", "colour": "'*' in [k, k+4)",
+                "content": "'*' in stages < k"}[task]
         default = next(x for x, r in zip(xs, rows) if r["default"])
         panels.append(plots.Panel(f"{task}: {what}", "k", series, ylabel="rate" if not panels else "",
                                   xticks=range(0, 11, 2), marks=[default]))
@@ -246,7 +250,8 @@ def run(cfg: BenchConfig) -> dict:
     inv_key = _key(dict(model=model_fingerprint(pp), steps=cfg.steps, lr=cfg.lr, batch=cfg.batch_size,
                         init=cfg.initializer, seed=cfg.seed, **({"flip_p": cfg.flip_p} if cfg.flip_p != 0.5 else {}),
                         **({"vectors": cfg.vectors} if cfg.vectors != 1 else {}),
-                        **({"parameterization": cfg.parameterization} if cfg.parameterization != "free" else {})))
+                        **({"parameterization": cfg.parameterization} if cfg.parameterization != "free" else {}),
+                        **({"stage_choice": cfg.stage_choice} if cfg.stage_choice else {})))
     gen_key = _key(dict(inv=inv_key, seeds=cfg.seeds, steps=cfg.num_inference_steps, cfg=cfg.guidance_scale))
     dirs = {"out": cfg.out, "concepts": cfg.out / "concepts" / inv_key, "readings": cfg.out / "readings" / gen_key}
     for p in dirs.values():
@@ -293,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--flip-p", type=float, help="inversion flip probability, both methods (default 0)")
     p.add_argument("--vectors", type=int, help="vectors per stage, both methods (default 6)")
     p.add_argument("--parameterization", choices=("free", "shared"), help="ProSpect's stage coupling (default free)")
+    p.add_argument("--stage-choice", type=int, help="ProSpect: draws per stage of the choice of each stage's token "
+                   "(default 16; 0 = each stage keeps its own)")
     p.add_argument("--initializer", help="initializer word(s), both methods (default 'shape')")
     p.add_argument("--batch-size", type=int, help="inversion batch, both methods (default 10)")
     p.add_argument("--num-inference-steps", type=int, help="DDIM steps (default 20)")

@@ -38,6 +38,8 @@ def test_composed_prompts_put_the_placeholder_in_the_attribute_slot():
     assert bm.composed_prompt(bm.TASK["texture"], text) == "a * blue square on the top"
     assert bm.composed_prompt(bm.TASK["colour"], text) == "a dotted * square on the top"
     assert bm.composed_prompt(bm.TASK["layout"], {"colour": "green", "texture": "dotted"}) == "a dotted green *"
+    # content: the reference's texture and colour stand in one '*' before the text's shape and position
+    assert bm.composed_prompt(bm.TASK["content"], {"shape": "square", "position": "right"}) == "a * square on the right"
 
 
 def test_text_attributes_always_differ_from_the_reference():
@@ -73,6 +75,18 @@ def test_default_splits_follow_the_paper_order():
     assert 0 < lo < hi < 10
     assert bm.sweep_splits(bm.TASK["texture"], [2, 8]) == [(0, 2), (0, 5), (0, 8)]
     assert bm.sweep_splits(bm.TASK["layout"], [2, 8]) == [(2, 10), (5, 10), (8, 10)]
+    assert bm.TASK["content"].default_split == (0, 8)  # the official README: text alone in the first two stages
+    assert bm.sweep_splits(bm.TASK["content"], [2, 9]) == [(0, 2), (0, 8), (0, 9)]
+
+
+def test_adding_a_task_keeps_the_earlier_tasks_text_draws():
+    # each task draws its text from its own index in TASKS: a task appended at the end leaves the others' prompts
+    # (and so every earlier benchmark figure) as they were
+    assert [t.name for t in bm.TASKS[:4]] == ["reconstruction", "texture", "layout", "colour"]
+    scene = bm.reference_scene(0, 3)
+    texts = bm.texts_of(scene, 0, 3)
+    for i, task in enumerate(bm.TASKS[:4]):
+        assert texts[task.name] == bm.text_attributes(scene, task, np.random.default_rng([0, 3, i]))
 
 
 def test_editing_prompt_refuses_texts_with_editing_syntax():

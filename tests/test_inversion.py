@@ -43,7 +43,8 @@ def _fixed_loss(pipe, concept, image):
     return total
 
 
-CFG = dict(initializer="cat", steps=40, lr=5e-2, batch_size=10, checkpoint_every=0, vectors_per_stage=1)
+CFG = dict(initializer="cat", steps=40, lr=5e-2, batch_size=10, checkpoint_every=0, vectors_per_stage=1,
+           stage_choice=0)  # the training itself; tests/test_stage_choice.py tests the choice after it
 
 
 def test_loss_falls_and_only_the_concept_rows_change(tiny_pipe):

@@ -33,6 +33,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .concept import Concept, add_to_pipeline, check_placeholder, init_embeddings, model_family, text_encoders
 from .data import MAX_SIDE, prepare, size_conditioning, to_tensor
 from .loading import fingerprint as model_fingerprint, model_name
+from . import stage_choice
 from .stages import StageMap
 from .token_rows import ConceptRows, StageMapper, roughness
 
@@ -61,6 +62,11 @@ class InversionConfig:
     ti_warmup: int = field(default=0, metadata={
         "help": "steps at the start that learn one token for every stage (textual inversion) before each stage "
                 "learns its own difference from it (0 = none)"})
+    stage_choice: int = field(default=16, metadata={
+        "help": "after training, each stage keeps whichever stage's token denoises the reference best at its "
+                "timesteps, judged on this many fixed draws per stage (0 = each stage keeps its own)"})
+    # 16, not 0: the last stages' own tokens drift on noise and undo the shape; pilot all 0.50 -> 0.81
+    # (docs/inversion-fidelity.md)
     steps: int = field(default=500, metadata={"help": "optimisation steps"})
     lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the token rows"})
     batch_size: int = field(default=10, metadata={"help": "samples per step (train: over all processes)"})
@@ -90,6 +96,7 @@ class InversionConfig:
 # upper bounds that keep a typo from allocating without end; the stages also must fit the model's timesteps
 MAX_LR = 10.0  # textual inversion uses about 5e-3; far above this the embeddings only blow up
 LIMITS = {"steps": 10_000_000, "batch_size": 4096, "num_stages": 1000, "vectors_per_stage": 75}
+MAX_CHOICE_SAMPLES = 4096  # stage_choice: one model call holds this many samples
 _WHY = {"vectors_per_stage": " (a stage's tokens must fit CLIP's 77-token prompt)"}
 
 
@@ -99,10 +106,13 @@ def check_config(cfg: InversionConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= value <= top:
             raise InversionError(f"{name} must be an integer in [1, {top}], got {value!r}{_WHY.get(name, '')}")
-    for name, never in (("validation_every", "never"), ("checkpoint_every", "no checkpoints"), ("ti_warmup", "none")):
+    for name, never in (("validation_every", "never"), ("checkpoint_every", "no checkpoints"), ("ti_warmup", "none"),
+                        ("stage_choice", "each stage keeps its own token")):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
             raise InversionError(f"{name} must be an integer >= 0 (0 = {never}), got {value!r}")
+    if cfg.stage_choice > MAX_CHOICE_SAMPLES:
+        raise InversionError(f"stage_choice must be at most {MAX_CHOICE_SAMPLES} draws per stage, got {cfg.stage_choice}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, Integral) or not 0 <= cfg.seed < 2 ** 63:
         raise InversionError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}")
     for name in ("lr", "flip_p", "snr_gamma", "smoothness"):
@@ -157,7 +167,7 @@ class StepLog:
 
 def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
     """Identifies the data and settings a checkpoint belongs to (resume refuses a mismatch)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every", "stage_choice")}
     for name in ("snr_gamma", "ti_warmup", "smoothness"):  # off: the fingerprint of checkpoints made before the option
         if not settings[name]:
             del settings[name]
@@ -313,30 +323,17 @@ def step(run: Inversion, index: int) -> StepLog:
     """Optimisation step ``index``: this process's slice of the global batch drawn from (seed, index), the
     denoising loss, the rows' gradients averaged over the processes, one AdamW update. A non-finite loss leaves
     the rows untouched (the returned loss says so). The text encoders must hold ``run.layers`` (``run.swap(True)``)."""
-    cfg, pipe, device, acc = run.cfg, run.pipe, run.device, run.accelerator
+    cfg, device, acc = run.cfg, run.device, run.accelerator
     rank, world = acc.process_index, acc.num_processes
     d = _draw(index, cfg, run.num_images, run.stage_map, run.mean.shape[2:])
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     d = {k: v[mine].to(device) for k, v in d.items()}
-    x0 = (run.mean[d["image"], d["flip"]] + run.std[d["image"], d["flip"]] * d["eps_latent"]) * pipe.vae.config.scaling_factor
     keys = [(int(k), int(j)) for k, j in zip(d["stages"], d["template"])]
-    unique = sorted(set(keys))  # encode only the stage prompts this batch needs
-    unet_dtype = pipe.unet.conv_in.weight.dtype  # (pipe.unet.dtype walks every module)
-    with acc.autocast():
-        states, pooled = _encode(pipe, [run.captions[k] for k in unique], device)
-        pick = torch.tensor([unique.index(k) for k in keys], device=device)
-        extra = {}
-        if pooled is not None:  # SDXL: the pooled embedding of the same caption, and the image's size conditioning
-            extra["added_cond_kwargs"] = {"text_embeds": pooled[pick].to(unet_dtype),
-                                          "time_ids": run.time_ids.to(device)[d["image"]].to(unet_dtype)}
-        noisy = run.sched.add_noise(x0, d["noise"], d["t"])
-        pred = pipe.unet(noisy.to(unet_dtype), d["t"], encoder_hidden_states=states[pick].to(unet_dtype), **extra).sample
-    target = _target(run.sched, x0, d["noise"], d["t"]).float()
+    losses = sample_losses(run, d["image"], d["flip"], d["eps_latent"], d["noise"], d["t"], keys)
     if cfg.snr_gamma:  # min-SNR: each sample weighted by min(SNR, gamma) / (SNR + 1 for v, SNR for eps, 1 for x0)
-        loss = (_min_snr_weights(run.sched, d["t"], cfg.snr_gamma)
-                * F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = (_min_snr_weights(run.sched, d["t"], cfg.snr_gamma) * losses).mean()
     else:
-        loss = F.mse_loss(pred.float(), target)
+        loss = losses.mean()
     loss_all = acc.reduce(loss.detach(), "mean") if world > 1 else loss.detach()
     if cfg.smoothness:  # the same on every process; the reported loss stays the denoising loss
         loss = loss + cfg.smoothness * sum(roughness(layer.rows, cfg.num_stages) for layer in run.layers)
@@ -350,6 +347,27 @@ def step(run: Inversion, index: int) -> StepLog:
                     param.grad = acc.reduce(param.grad, "mean")
         run.opt.step()
     return StepLog(index, loss_all.item(), [k for k, _ in keys])
+
+
+def sample_losses(run: Inversion, image, flip, eps_latent, noise, t, keys: list[tuple[int, int]]) -> torch.Tensor:
+    """Each sample's denoising loss (mean squared error of the model's prediction), [B]: image ``image`` (mirrored
+    where ``flip``), its latent drawn with ``eps_latent``, noised with ``noise`` to timestep ``t`` and captioned with
+    ``run.captions[key]`` (key = (stage of the token, template)). Gradients reach the rows the text encoders hold."""
+    pipe, device = run.pipe, run.device
+    x0 = (run.mean[image, flip] + run.std[image, flip] * eps_latent) * pipe.vae.config.scaling_factor
+    unique = sorted(set(keys))  # encode only the stage prompts this batch needs
+    unet_dtype = pipe.unet.conv_in.weight.dtype  # (pipe.unet.dtype walks every module)
+    with run.accelerator.autocast():
+        states, pooled = _encode(pipe, [run.captions[k] for k in unique], device)
+        pick = torch.tensor([unique.index(k) for k in keys], device=device)
+        extra = {}
+        if pooled is not None:  # SDXL: the pooled embedding of the same caption, and the image's size conditioning
+            extra["added_cond_kwargs"] = {"text_embeds": pooled[pick].to(unet_dtype),
+                                          "time_ids": run.time_ids.to(device)[image].to(unet_dtype)}
+        noisy = run.sched.add_noise(x0, noise, t)
+        pred = pipe.unet(noisy.to(unet_dtype), t, encoder_hidden_states=states[pick].to(unet_dtype), **extra).sample
+    target = _target(run.sched, x0, noise, t).float()
+    return F.mse_loss(pred.float(), target, reduction="none").mean(dim=tuple(range(1, target.dim())))
 
 
 def _hold(run: Inversion, index: int) -> None:
@@ -437,10 +455,15 @@ def invert(
                 run.accelerator.wait_for_everyone()
             if validate is not None and cfg.validation_every and done % cfg.validation_every == 0 and main_process:
                 _validate(validate, done, run)
+        learned = run.learned()
+        if cfg.stage_choice and cfg.num_stages > 1:  # each stage keeps the token that denoises best there
+            choice = stage_choice.choose(stage_choice.stage_losses(run, cfg.stage_choice, sample_losses))
+            tables = stage_choice.apply(learned.tables, choice)
+            learned = replace(learned, embeddings=tables[0], embeddings_2=tables[1] if len(tables) > 1 else None)
     finally:
         bar.close()  # ends the bar's line, so an error message starts on a line of its own
         run.swap(trainable=False)
-    run.concept = run.learned()
+    run.concept = learned
     add_to_pipeline(run.pipe, run.concept)
     return run.concept
 

@@ -11,7 +11,9 @@ in reconstruction, since no transfer prompt names it):
 * reconstruction: all five attributes match the reference;
 * texture: the reference's texture, shape/colour/position from the text;
 * layout: the reference's position and shape, colour/texture from the text;
-* colour: the reference's colour, shape/texture/position from the text.
+* colour: the reference's colour, shape/texture/position from the text;
+* content: the reference's colour and texture on a text shape and position (the official README's
+  "content-aware" use: the text decides what is drawn and where, the reference how it looks).
 
 Text attributes are drawn uniformly among the values that differ from the reference's, so an
 attribute that follows the text cannot match by copying the reference and vice versa.
@@ -26,7 +28,8 @@ Prompts (``*`` = the concept; both methods get the same words, seeds, DDIM steps
 * ProSpect uses the composed prompt in the stages that carry the attribute and the same prompt
   without ``*`` (shape word "shape") in the others. Default stages, fixed before any run from the
   paper's account (layout first, material last): texture ``*`` in stages 0..4 (second half of
-  generation), layout in 5..9 (first half), colour in 3..6 (the middle); reconstruction in all.
+  generation), layout in 5..9 (first half), colour in 3..6 (the middle), content in 0..7 (the
+  official README's content-aware example: text alone in the first two stages); reconstruction in all.
   The split sweep (``sweep_splits``) shows how the result depends on that choice; a best split
   picked from the sweep is selected on the test data and is optimistic.
 * The model ceiling ("caption") names the target outright, e.g. "a striped blue square on the
@@ -72,14 +75,15 @@ TASKS = (
     TransferTask("texture", ("texture",), ("shape", "colour", "position"), (0, 5)),
     TransferTask("layout", ("position", "shape"), ("colour", "texture"), (5, 10)),
     TransferTask("colour", ("colour",), ("shape", "texture", "position"), (3, 7)),
+    TransferTask("content", ("colour", "texture"), ("shape", "position"), (0, 8)),  # last: the others keep their draws
 )
 TASK = {t.name: t for t in TASKS}
 COLOUR_WIDTH = 4  # stages in a colour window of the sweep
 
 
 def sweep_splits(task: TransferTask, ks: Sequence[int], n: int = 10) -> list[Split]:
-    """The splits of the stage sweep: texture '*' in stages < k, layout in stages >= k, colour windows."""
-    if task.name == "texture":
+    """The splits of the stage sweep: texture and content '*' in stages < k, layout in stages >= k, colour windows."""
+    if task.name in ("texture", "content"):
         splits = [(0, k) for k in ks]
     elif task.name == "layout":
         splits = [(k, n) for k in ks]
