@@ -110,6 +110,7 @@ FLAGS = [  # (base command line, flag, kind)
     (TRAIN, "--stages", "count"), (TRAIN, "--vectors-per-stage", "count"), (TRAIN, "--steps", "count"),
     (TRAIN, "--lr", "rate"), (TRAIN, "--batch-size", "count"), (TRAIN, "--resolution", "size"),
     (TRAIN, "--flip-p", "prob"), (TRAIN, "--snr-gamma", "rate"), (TRAIN, "--ti-warmup", "count0"),
+    (TRAIN, "--stage-choice", "count0"),
     (TRAIN, "--smoothness", "rate"), (TRAIN, "--seed", "seed"), (TRAIN, "--checkpoint-every", "count0"),
     (TRAIN, "--validation-every", "count0"), (TRAIN, "--parameterization", "choice"), (TRAIN, "--crop", "choice"),
     (TRAIN, "--mixed-precision", "choice"), (TRAIN, "--dtype", "choice"), (TRAIN, "--device", "device"),
@@ -497,6 +498,7 @@ API_CONFIG = {  # InversionConfig field: values that must be refused
     "flip_p": [-0.1, 1.5, math.nan, "0.5"], "resolution": [0, 12, -8, 10 ** 6, "512", 64.0], "seed": [-1, 2 ** 64, "0", 1.0],
     "checkpoint_every": [-1, 1.5, "5"], "validation_every": [-2, "1"], "parameterization": ["tree", 3],
     "snr_gamma": [-1.0, math.nan, "5"], "smoothness": [-0.5, math.inf, "1"], "ti_warmup": [-1, 2.5, "3"],
+    "stage_choice": [-1, 2.5, "16", 5000],
     "crop": ["left", None], "mixed_precision": ["fp8", True], "placeholder": ["", 7], "initializer": [None],
     "templates": ["{}", (), ("a photo",), ("{} {}",), (3,)],
 }

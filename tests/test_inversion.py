@@ -185,7 +185,7 @@ def test_invert_is_setup_then_its_steps(clip_tokenizer_dir):
     from prospect.distributed import Solo
     from prospect.inversion import setup, step
 
-    cfg = InversionConfig(steps=3, batch_size=2, checkpoint_every=0, vectors_per_stage=2)
+    cfg = InversionConfig(steps=3, batch_size=2, checkpoint_every=0, vectors_per_stage=2, stage_choice=0)
     learned = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), cfg, progress=False, accelerator=Solo())
     pipe = build_tiny_pipeline(clip_tokenizer_dir)
     run = setup(pipe, _images(), cfg, Solo())
@@ -225,7 +225,7 @@ def test_min_snr_weighting_changes_training_and_off_keeps_it_bit_equal(clip_toke
     from conftest import build_tiny_pipeline
     from prospect.distributed import Solo
 
-    base = InversionConfig(steps=3, batch_size=10, checkpoint_every=0)  # every stage in every step
+    base = InversionConfig(steps=3, batch_size=10, checkpoint_every=0, stage_choice=0)  # every stage in every step
     a = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), base, progress=False, accelerator=Solo())
     b = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), base, progress=False, accelerator=Solo())
     c = invert(build_tiny_pipeline(clip_tokenizer_dir), _images(), InversionConfig(**{**base.__dict__, "snr_gamma": 5.0}),
