@@ -65,7 +65,7 @@ class InversionConfig:
     stage_choice: int = field(default=16, metadata={
         "help": "after training, each stage keeps whichever stage's token denoises the reference best at its "
                 "timesteps, judged on this many fixed draws per stage (0 = each stage keeps its own)"})
-    # 16, not 0: the last stages' own tokens drift on noise and undo the shape; pilot all 0.50 -> 0.81
+    # 16, not 0: the last stages' own tokens drift on noise and undo the shape; pilot all 0.50 -> 1.00
     # (docs/inversion-fidelity.md)
     steps: int = field(default=500, metadata={"help": "optimisation steps"})
     lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the token rows"})

@@ -1,12 +1,12 @@
 """Each stage keeps the learned token that denoises the reference best at its timesteps (after inversion).
 
 A stage whose timesteps the model barely reads text at (the last denoising steps, where the image is
-almost drawn) gets gradients that are mostly noise, and Adam's normalised steps walk its token far
-from any word; at generation such a token can undo what the earlier stages drew (on the embedded
+almost drawn) gets gradients that are mostly noise (more so where the VAE's posterior is wide: the
+clean latent drawn from it is itself noisy), and Adam's normalised steps walk its token far from any word; at generation such a token can undo what the earlier stages drew (on the embedded
 model: squares came out as circles, purple as orange). So after training every stage k is given a
 choice among the N learned tokens: it keeps the one with the lowest denoising loss on the reference
 at stage k's timesteps. The candidates are compared on the same fixed draws (timesteps spread evenly
-over the stage, noise from the run's seed), a paired comparison whose noise cancels.
+over the stage, noise from the run's seed, the latent's posterior mean), a paired comparison whose noise cancels.
 A stage keeps its own token unless another one does better there; so the result is still N tokens,
 one per stage, and is used, exported and loaded as any concept.
 """
@@ -22,7 +22,7 @@ def stage_losses(run, samples: int, losses: Callable) -> torch.Tensor:
     """[stage, candidate] mean denoising loss of the reference at each stage's timesteps with each stage's token.
 
     ``losses(run, image, flip, eps_latent, noise, t, keys)`` is the inversion's per-sample loss; the text encoders
-    must hold the trained rows. Draws: ``samples`` per stage, from the run's seed alone (no flip)."""
+    must hold the trained rows. Draws: ``samples`` per stage, from the run's seed alone (no flip, no latent draw)."""
     n = run.cfg.num_stages
     gen = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + 999_983)
     shape = tuple(run.mean.shape[2:])
@@ -35,7 +35,7 @@ def stage_losses(run, samples: int, losses: Callable) -> torch.Tensor:
     with torch.no_grad():
         for stage in range(n):
             lo, hi = run.stage_map.bounds(stage)
-            t = (lo + (torch.arange(samples) + 0.5) / samples * (hi - lo)).long().clamp(max=hi - 1).to(run.device)
+            t = (lo + (torch.arange(samples) + 0.5) / samples * (hi - lo)).long().to(run.device)  # in [lo, hi)
             for cand in range(n):
                 keys = [(cand, j) for j in templates]
                 out[stage, cand] = losses(run, image, flip, eps_latent, noise, t, keys).float().mean().cpu()
