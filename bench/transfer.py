@@ -119,11 +119,13 @@ def run_reference(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path], todo: lis
     image, seeds = world.render_pil(scene), image_seeds(cfg, r)
     examples = []
     for method, n in (("prospect", pp.num_stages), ("ti", 1)):
+        mine = [c for c in missing if c.method == method or (method == "ti" and c.method == "caption")]
+        if not mine:  # e.g. a rerun that only adds a chosen ProSpect split
+            continue
         concept, spent = learn(pp, image, n, dirs["concepts"] / f"ref{r:03d}-{method}.safetensors", cfg)
         seconds["inversion"] += spent
         # TI's one row repeated in every stage: one token for all timesteps, same pipeline code path.
         pp.load_concept(in_every_stage(concept, "*", pp.num_stages))
-        mine = [c for c in missing if c.method == method or (method == "ti" and c.method == "caption")]
         start = time.time()
         prompts = [c.prompt(scene, texts[c.task.name]) for c in mine for _ in seeds]
         images = generate(pp, prompts, seeds * len(mine), cfg)
