@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 
 import pytest
@@ -56,6 +57,28 @@ def test_demo_writes_figure_report_and_concept(demo_run):
         marked = f"<h2 class='fail'>{task.name}</h2>" in page
         assert marked == (task.name in report.failed_rows()) == (report.shown[task.name] < 2)
     assert page.count("This row is not a result") == len(report.failed_rows())
+    assert "guidance per row" in page
+    for task in TASKS:  # each row states the CFG scale it ran at (chosen with its stages on the pilot)
+        assert f"{html.escape(task.description)} (CFG {task.guidance_scale:g})" in page
+
+
+def test_each_row_runs_at_its_own_guidance_scale_unless_the_config_sets_one():
+    from prospect.toyworld import demo
+
+    calls = []
+
+    class Recorder:
+        def __call__(self, prompt, **kwargs):
+            calls.append(kwargs["guidance_scale"])
+            return type("Out", (), {"images": []})()
+
+    for task in TASKS:
+        demo._run_task(Recorder(), task, DemoConfig())
+    assert calls == [t.guidance_scale for t in TASKS]
+    assert {TASK_BY_NAME["material-aware"].guidance_scale, TASK_BY_NAME["colour-aware"].guidance_scale} == {3.0, 5.0}
+    calls.clear()
+    demo._run_task(Recorder(), TASK_BY_NAME["material-aware"], DemoConfig(guidance_scale=7.5))
+    assert calls == [7.5]
 
 
 def test_a_row_shows_its_claim_only_with_every_claimed_attribute():

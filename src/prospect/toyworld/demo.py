@@ -41,6 +41,7 @@ class Task:
     from_text: dict[str, str] = field(default_factory=dict)  # attributes the text (or the edit input) sets
     img2img: bool = False
     from_reference: tuple[str, ...] = ()  # attributes the caption claims come from the reference
+    guidance_scale: float = 5.0  # the row's CFG scale, chosen with its stages on the benchmark's pilot
 
     def claim(self, reference: dict[str, str]) -> dict[str, str]:
         """The attribute values an image must show for this row to show what its caption claims."""
@@ -55,34 +56,40 @@ def _window(lo: int, hi: int, inside: str, outside: str, n: int = 10) -> list[st
     return [inside if lo <= k < hi else outside for k in range(n)]
 
 
-# The stages that get '*', as bench/transfer.py's tasks: chosen on its pilot references (--seed 1),
-# not on this reference nor on the benchmark's held-out ones (docs/inversion-fidelity.md).
-# Pilot of 2026-12-02 on the shipped model (composable captions; 6 references x 4 images):
-TEXTURE_STAGES = (0, 6)  # pilot: [0, 6) best (0.58), the a-priori [0, 5) 0.46, [0, 7) 0.21
-LAYOUT_STAGES = (5, 10)  # pilot: the a-priori split tied best with [6, 10) (0.38; the others 0.29-0.33)
-COLOUR_STAGES = (3, 7)  # pilot: the a-priori window best (0.54; [1, 5) 0.25, [5, 9) 0.17)
+# The stages that get '*' and the CFG scale of each row, as bench/transfer.py's tasks: chosen on its
+# pilot references (--seed 1), not on this reference nor on the benchmark's held-out ones. Pilot of
+# session 12 (stage choice on; 12 references x 4 images, CFG 5 and 3; docs/inversion-fidelity.md):
+TEXTURE_STAGES, TEXTURE_CFG = (0, 4), 3.0  # pilot: [0, 4) best at both scales (0.46 at CFG 3, 0.35 at 5)
+LAYOUT_STAGES, LAYOUT_CFG = (6, 10), 3.0  # pilot: [6, 10) at CFG 3 0.56, the a-priori [5, 10) 0.54 (CFG 5: 0.48)
+COLOUR_STAGES, COLOUR_CFG = (3, 7), 5.0  # pilot: the a-priori window best (0.60 at CFG 5, 0.40 at 3)
+CONTENT_STAGES, CONTENT_CFG = (0, 6), 5.0  # pilot: [0, 6) 0.65 at CFG 5, the a-priori [0, 8) 0.23
+RECONSTRUCTION_CFG = 3.0  # pilot: 0.96 at CFG 3, 0.85 at 5
 
 TASKS = [
     Task("reconstruction", "'*' in every stage: the reference itself", None,
-         from_reference=("position", "shape", "colour", "texture", "background")),
-    Task("content-aware", "text sets the position in the first 2 stages (9, 8); '*' in the other 8",
-         _window(0, 8, "*", "a shape on the right"), {"position": "right"}, from_reference=("shape", "colour", "texture")),
-    Task("material-aware", f"'*' in stages {TEXTURE_STAGES[0]}..{TEXTURE_STAGES[1] - 1} (the second part of generation): "
+         from_reference=("position", "shape", "colour", "texture", "background"), guidance_scale=RECONSTRUCTION_CFG),
+    Task("content-aware", f"'*' in stages {CONTENT_STAGES[0]}..{CONTENT_STAGES[1] - 1}, text alone in the others: "
+         "the reference's colour and texture on a text shape and position",
+         _window(*CONTENT_STAGES, "a * square on the right", "a square on the right"),
+         {"shape": "square", "position": "right"}, from_reference=("colour", "texture"), guidance_scale=CONTENT_CFG),
+    Task("material-aware", f"'*' in stages {TEXTURE_STAGES[0]}..{TEXTURE_STAGES[1] - 1} (the end of generation): "
          "the reference's texture on a text shape, colour and position",
          _window(*TEXTURE_STAGES, "a * blue square on the top", "a blue square on the top"),
-         {"shape": "square", "colour": "blue", "position": "top"}, from_reference=("texture",)),
+         {"shape": "square", "colour": "blue", "position": "top"}, from_reference=("texture",), guidance_scale=TEXTURE_CFG),
     Task("layout-aware", f"'*' in stages {LAYOUT_STAGES[0]}..{LAYOUT_STAGES[1] - 1} (the start): the reference's "
          "position and shape under a text colour and texture",
          _window(*LAYOUT_STAGES, "a dotted green *", "a dotted green shape"), {"colour": "green", "texture": "dotted"},
-         from_reference=("position", "shape")),
+         from_reference=("position", "shape"), guidance_scale=LAYOUT_CFG),
     Task("colour-aware", f"'*' in stages {COLOUR_STAGES[0]}..{COLOUR_STAGES[1] - 1}: the reference's colour on a "
          "text shape, texture and position",
          _window(*COLOUR_STAGES, "a striped * square on the top", "a striped square on the top"),
-         {"shape": "square", "texture": "striped", "position": "top"}, from_reference=("colour",)),
+         {"shape": "square", "texture": "striped", "position": "top"}, from_reference=("colour",),
+         guidance_scale=COLOUR_CFG),
     Task("img2img edit", f"the edit input (a plain blue circle on the right), strength 0.6, '*' in stages "
          f"{TEXTURE_STAGES[0]}..{TEXTURE_STAGES[1] - 1}: the reference's texture onto it",
          _window(*TEXTURE_STAGES, "a * blue circle on the right", "a blue circle on the right"),
-         {"shape": "circle", "colour": "blue", "position": "right"}, img2img=True, from_reference=("texture",)),
+         {"shape": "circle", "colour": "blue", "position": "right"}, img2img=True, from_reference=("texture",),
+         guidance_scale=TEXTURE_CFG),
 ]
 
 TASK_BY_NAME = {t.name: t for t in TASKS}
@@ -99,7 +106,7 @@ class DemoConfig:
     lr: float = 5e-3  # inversion learning rate; vectors per stage and flip are InversionConfig's defaults
     samples: int = 4  # images per task
     num_inference_steps: int = 50  # DDIM steps
-    guidance_scale: float = 5.0
+    guidance_scale: float | None = None  # None = each row's own (Task.guidance_scale); a number = every row
     strength: float = 0.6  # img2img strength of the edit task
     scale: int = 4  # upscale factor of the figure (the toy world is 32x32)
 
@@ -142,7 +149,7 @@ def run_demo(cfg: DemoConfig, model: str | Path | None = None,
     concept_path = concept.save(out / "concept.safetensors")
     results = {t.name: _run_task(pp, t, cfg) for t in TASKS}
     vis = visualize(pp, seed=cfg.seed, num_inference_steps=cfg.num_inference_steps,
-                    guidance_scale=cfg.guidance_scale, scale=cfg.scale)
+                    guidance_scale=_guidance(TASK_BY_NAME["reconstruction"], cfg), scale=cfg.scale)
     save_png(vis.grid, out / "stages.png")
     readings = {name: [read(im).as_dict() for im in images] for name, images in results.items()}
     ref_attrs = read(reference).as_dict()
@@ -169,11 +176,15 @@ def _enough(shown: int, n: int) -> bool:
     return shown >= min(SHOWN, n)
 
 
+def _guidance(task: Task, cfg: DemoConfig) -> float:
+    return task.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
+
+
 def _run_task(pp: ProSpectPipeline, task: Task, cfg: DemoConfig) -> list[Image.Image]:
     gen = torch.Generator().manual_seed(cfg.seed)
     kwargs = dict(image=world.render_pil(EDIT_INPUT), strength=cfg.strength) if task.img2img else {}
     result = pp("*", prospect_words=task.prospect_words, num_images_per_prompt=cfg.samples, generator=gen,
-                num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, **kwargs)
+                num_inference_steps=cfg.num_inference_steps, guidance_scale=_guidance(task, cfg), **kwargs)
     return result.images
 
 
@@ -213,7 +224,7 @@ def _html(reference: dict[str, str], readings: dict, cfg: DemoConfig, seconds: f
                 marks.append(f"{attr}={esc(value)} <i>({source})</i>")
             cells.append("<li>" + ", ".join(marks) + "</li>")
         rows.append(f"<h2 class='{'ok' if _enough(k, n) else 'fail'}'>{esc(task.name)}</h2>"
-                    f"<p>{esc(task.description)}</p>{verdict}"
+                    f"<p>{esc(task.description)} (CFG {_guidance(task, cfg):g})</p>{verdict}"
                     f"<img src='{esc(task.name.replace(' ', '-'))}.png'>"
                     f"<details><summary>stage prompts (index 0 = generation ends)</summary><p>{stage_list}</p></details>"
                     f"<ul>{''.join(cells)}</ul>")
@@ -223,7 +234,7 @@ def _html(reference: dict[str, str], readings: dict, cfg: DemoConfig, seconds: f
             ".fail{color:#c00000;font-weight:bold}.ok{color:#006000}</style>"
             f"<h1>ProSpect demo</h1><p>Reference ({ref}):</p><img src='reference.png'>"
             f"<p>Inversion: {cfg.inversion_steps} steps, lr {cfg.lr}, seed {cfg.seed}; sampling: DDIM {cfg.num_inference_steps} steps, "
-            f"guidance {cfg.guidance_scale}; total {seconds:.0f} s.</p>"
+            f"guidance {'per row' if cfg.guidance_scale is None else cfg.guidance_scale}; total {seconds:.0f} s.</p>"
             "<p>Each reading names where the attribute came from: <i>ref</i> (the reference), <i>text</i> (the stage "
             "prompts), or <i>other</i>.</p>" + "".join(rows) +
             "<h2>What each stage's token carries</h2><img src='stages.png'>")
