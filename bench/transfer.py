@@ -50,6 +50,7 @@ class BenchConfig:
     vectors: int = 6  # vectors per stage, both methods (TI: vectors of its one token; 1 before #12)
     parameterization: str = "free"  # ProSpect's stage coupling ("free" or "shared"; TI has one stage either way)
     stage_choice: int = 16  # ProSpect: each stage keeps the best-denoising stage token (0 = its own; TI has one)
+    hue_jitter_from: int | None = None  # ProSpect: stages >= this learn from the reference at random hues (TI: n/a)
     seed: int = 0  # reference scenes, text attributes, inversions and image seeds derive from it
     seeds: int = 4  # images per reference per condition
     num_inference_steps: int = 20  # DDIM steps
@@ -85,15 +86,20 @@ def learn(pp: ProSpectPipeline, image: Image.Image, num_stages: int, path: Path,
     if path.exists():
         return Concept.load(path), 0.0
     start = time.time()
+    staged = num_stages > 1  # the settings of ProSpect's stages; TI has one token for all timesteps
     inv = InversionConfig(initializer=cfg.initializer, num_stages=num_stages, steps=cfg.steps, lr=cfg.lr,
                           batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=50, flip_p=cfg.flip_p,
                           vectors_per_stage=cfg.vectors, parameterization=cfg.parameterization,
-                          stage_choice=cfg.stage_choice)
+                          stage_choice=cfg.stage_choice, hue_jitter_from=cfg.hue_jitter_from if staged else None)
     ckpt = path.with_suffix(".ckpt")
     concept = invert(pp.pipe, [image], inv, checkpoint=ckpt, resume=True, progress=False)
     concept.save(path)
     ckpt.unlink(missing_ok=True)
     return concept, time.time() - start
+
+
+def concept_path(dirs: dict[str, Path], r: int, method: str) -> Path:
+    return dirs["concepts_ti" if method == "ti" else "concepts"] / f"ref{r:03d}-{method}.safetensors"
 
 
 def in_every_stage(concept: Concept, placeholder: str, num_stages: int) -> Concept:
@@ -122,7 +128,7 @@ def run_reference(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path], todo: lis
         mine = [c for c in missing if c.method == method or (method == "ti" and c.method == "caption")]
         if not mine:  # e.g. a rerun that only adds a chosen ProSpect split
             continue
-        concept, spent = learn(pp, image, n, dirs["concepts"] / f"ref{r:03d}-{method}.safetensors", cfg)
+        concept, spent = learn(pp, image, n, concept_path(dirs, r, method), cfg)
         seconds["inversion"] += spent
         # TI's one row repeated in every stage: one token for all timesteps, same pipeline code path.
         pp.load_concept(in_every_stage(concept, "*", pp.num_stages))
@@ -161,8 +167,7 @@ def run_mix(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path]) -> dict:
     b, seeds, readings = bm.mix_partner(cfg, r), image_seeds(cfg, r), {}
     for method, n in (("prospect", pp.num_stages), ("ti", 1)):
         for name, ref in (("<a>", r), ("<b>", b)):
-            c, _ = learn(pp, world.render_pil(bm.reference_scene(cfg.seed, ref)), n,
-                         dirs["concepts"] / f"ref{ref:03d}-{method}.safetensors", cfg)
+            c, _ = learn(pp, world.render_pil(bm.reference_scene(cfg.seed, ref)), n, concept_path(dirs, ref, method), cfg)
             pp.load_concept(in_every_stage(c, name, pp.num_stages))
         images = generate(pp, [bm.mix_prompts(method, cfg.mix_split)] * len(seeds), seeds, cfg)
         readings[method] = [g.as_dict() for g in read_batch(images)]
@@ -179,7 +184,8 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
     lines = [f"Attribute transfer on the toy world: {n_refs} references x {cfg.seeds} images per task; "
              f"inversion {cfg.steps} steps, lr {cfg.lr}, batch {cfg.batch_size}, initializer '{cfg.initializer}', "
              f"flip p {cfg.flip_p}, {cfg.vectors} vector(s) per stage, {cfg.parameterization} stages, "
-             f"stage choice {cfg.stage_choice or 'off'}; "
+             f"stage choice {cfg.stage_choice or 'off'}, hue jitter "
+             f"{'off' if cfg.hue_jitter_from is None else f'in stages >= {cfg.hue_jitter_from} (ProSpect)'}; "
              f"DDIM {cfg.num_inference_steps}, CFG {cfg.guidance_scale}. 95 % intervals: Wilson over images "
              "(assumes independent images) and bootstrap over references (the one to read).", "",
              "| task | method | success | Wilson 95 % | bootstrap 95 % (refs) | " + " | ".join(world.ATTRIBUTES) + " |",
@@ -249,13 +255,16 @@ def run(cfg: BenchConfig) -> dict:
     pp.pipe.set_progress_bar_config(disable=True)
     if pp.num_stages != 10:
         raise ValueError("the benchmark's splits are written for N = 10 stages")
-    inv_key = _key(dict(model=model_fingerprint(pp), steps=cfg.steps, lr=cfg.lr, batch=cfg.batch_size,
-                        init=cfg.initializer, seed=cfg.seed, **({"flip_p": cfg.flip_p} if cfg.flip_p != 0.5 else {}),
-                        **({"vectors": cfg.vectors} if cfg.vectors != 1 else {}),
-                        **({"parameterization": cfg.parameterization} if cfg.parameterization != "free" else {}),
-                        **({"stage_choice": cfg.stage_choice} if cfg.stage_choice else {})))
+    shared = dict(model=model_fingerprint(pp), steps=cfg.steps, lr=cfg.lr, batch=cfg.batch_size,
+                  init=cfg.initializer, seed=cfg.seed, **({"flip_p": cfg.flip_p} if cfg.flip_p != 0.5 else {}),
+                  **({"vectors": cfg.vectors} if cfg.vectors != 1 else {}),
+                  **({"parameterization": cfg.parameterization} if cfg.parameterization != "free" else {}),
+                  **({"stage_choice": cfg.stage_choice} if cfg.stage_choice else {}))
+    ti_key = _key(shared)  # hue jitter is ProSpect's alone: TI's concepts are those of the run without it
+    inv_key = ti_key if cfg.hue_jitter_from is None else _key(dict(shared, hue_jitter_from=cfg.hue_jitter_from))
     gen_key = _key(dict(inv=inv_key, seeds=cfg.seeds, steps=cfg.num_inference_steps, cfg=cfg.guidance_scale))
-    dirs = {"out": cfg.out, "concepts": cfg.out / "concepts" / inv_key, "readings": cfg.out / "readings" / gen_key}
+    dirs = {"out": cfg.out, "concepts": cfg.out / "concepts" / inv_key, "concepts_ti": cfg.out / "concepts" / ti_key,
+            "readings": cfg.out / "readings" / gen_key}
     for p in dirs.values():
         p.mkdir(parents=True, exist_ok=True)
     todo = bm.conditions(cfg)
@@ -276,7 +285,7 @@ def run(cfg: BenchConfig) -> dict:
     (cfg.out / "results.md").write_text(table, encoding="utf-8")
     plot_sweep(summary, cfg.out / "sweep.png")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    result = dict(settings=settings, cache_keys=dict(inversion=inv_key, generation=gen_key), seconds=seconds,
+    result = dict(settings=settings, cache_keys=dict(inversion=inv_key, ti=ti_key, generation=gen_key), seconds=seconds,
                   references=[asdict(bm.reference_scene(cfg.seed, r)) for r in range(cfg.references)],
                   texts=[bm.texts_of(bm.reference_scene(cfg.seed, r), cfg.seed, r) for r in range(cfg.references)], **summary)
     (cfg.out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
@@ -302,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--parameterization", choices=("free", "shared"), help="ProSpect's stage coupling (default free)")
     p.add_argument("--stage-choice", type=int, help="ProSpect: draws per stage of the choice of each stage's token "
                    "(default 16; 0 = each stage keeps its own)")
+    p.add_argument("--hue-jitter-from", type=int, help="ProSpect: stages >= K learn from the reference at random "
+                   "hues, so they carry no colour (default: off)")
     p.add_argument("--initializer", help="initializer word(s), both methods (default 'shape')")
     p.add_argument("--batch-size", type=int, help="inversion batch, both methods (default 10)")
     p.add_argument("--num-inference-steps", type=int, help="DDIM steps (default 20)")
@@ -328,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("references", "steps", "seeds", "num_inference_steps"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.hue_jitter_from is not None and not 0 <= cfg.hue_jitter_from < 10:
+        p.error("--hue-jitter-from must be a stage in 0..9")
     if any(not 0 <= k <= 10 for k in cfg.sweep):
         p.error("--sweep values must lie in 0..10")
     return run(cfg)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from prospect.cli import main
@@ -150,6 +151,15 @@ def test_train_with_several_vectors_shared_stages_and_no_flip_then_info_and_expo
     assert "3 vector(s) per stage" in capsys.readouterr().out
     assert main(["export", str(out), "--format", "diffusers", "--out", str(workdir / "multi-ti")]) == 0
     assert len(list((workdir / "multi-ti").glob("multi-s*.safetensors"))) == 10
+
+
+def test_train_with_hue_jitter_learns_other_late_tokens_and_the_same_early_ones(workdir, tiny_model_dir):
+    base = ["train", str(workdir / "refs"), "--model", str(tiny_model_dir), "--steps", "3", "--init-word", "cat",
+            "--vectors-per-stage", "1", "--stage-choice", "0", "--checkpoint-every", "0"]
+    assert main(base + ["--out", str(workdir / "plain.safetensors")]) == 0
+    assert main(base + ["--out", str(workdir / "hue.safetensors"), "--hue-jitter-from", "8"]) == 0
+    plain, hue = (Concept.load(workdir / f"{n}.safetensors").embeddings for n in ("plain", "hue"))
+    assert torch.equal(plain[:8], hue[:8]) and not torch.allclose(plain[8:], hue[8:])
 
 
 @pytest.mark.parametrize("flag, value, match", [("--vectors-per-stage", "0", "vectors_per_stage"),

@@ -95,6 +95,7 @@ BAD_VALUES = {
     "choice": ["bogus"],
     "device": ["banana", "cuda:7"],
     "port": ["0", "-1", "65536", "abc"],
+    "stage": ["-1", "10", "1.5", "abc"],  # a stage of the run's 10
 }
 
 TRAIN = ["train", "{refs}", "--out", "{out}/c.safetensors", "--model", "{model}", "--steps", "2", "--batch-size", "2",
@@ -110,7 +111,7 @@ FLAGS = [  # (base command line, flag, kind)
     (TRAIN, "--stages", "count"), (TRAIN, "--vectors-per-stage", "count"), (TRAIN, "--steps", "count"),
     (TRAIN, "--lr", "rate"), (TRAIN, "--batch-size", "count"), (TRAIN, "--resolution", "size"),
     (TRAIN, "--flip-p", "prob"), (TRAIN, "--snr-gamma", "rate"), (TRAIN, "--ti-warmup", "count0"),
-    (TRAIN, "--stage-choice", "count0"),
+    (TRAIN, "--stage-choice", "count0"), (TRAIN, "--hue-jitter-from", "stage"),
     (TRAIN, "--smoothness", "rate"), (TRAIN, "--seed", "seed"), (TRAIN, "--checkpoint-every", "count0"),
     (TRAIN, "--validation-every", "count0"), (TRAIN, "--parameterization", "choice"), (TRAIN, "--crop", "choice"),
     (TRAIN, "--mixed-precision", "choice"), (TRAIN, "--dtype", "choice"), (TRAIN, "--device", "device"),
@@ -498,7 +499,7 @@ API_CONFIG = {  # InversionConfig field: values that must be refused
     "flip_p": [-0.1, 1.5, math.nan, "0.5"], "resolution": [0, 12, -8, 10 ** 6, "512", 64.0], "seed": [-1, 2 ** 64, "0", 1.0],
     "checkpoint_every": [-1, 1.5, "5"], "validation_every": [-2, "1"], "parameterization": ["tree", 3],
     "snr_gamma": [-1.0, math.nan, "5"], "smoothness": [-0.5, math.inf, "1"], "ti_warmup": [-1, 2.5, "3"],
-    "stage_choice": [-1, 2.5, "16", 5000],
+    "stage_choice": [-1, 2.5, "16", 5000], "hue_jitter_from": [-1, 10, 2.5, "6", True],
     "crop": ["left", None], "mixed_precision": ["fp8", True], "placeholder": ["", 7], "initializer": [None],
     "templates": ["{}", (), ("a photo",), ("{} {}",), (3,)],
 }

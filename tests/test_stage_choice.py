@@ -28,11 +28,20 @@ def test_choose_takes_the_lowest_loss_and_keeps_its_own_token_on_a_tie():
     assert picked[:, 0, 0].tolist() == [1.0, 1.0, 2.0]
 
 
+def test_choose_within_groups_never_crosses_them():
+    table = torch.tensor([[1.0, 0.9, 0.1, 0.1],  # stage 0 would take 2's or 3's token, but they are the other group
+                          [0.5, 1.0, 0.0, 0.0],
+                          [0.0, 0.0, 1.0, 0.5],  # stage 2 takes 3's, its own group's best
+                          [0.0, 0.0, 0.5, 0.9]])
+    assert stage_choice.choose(table) == [2, 2, 0, 0]
+    assert stage_choice.choose(table, groups=[0, 0, 1, 1]) == [1, 0, 3, 2]
+
+
 def test_stage_losses_compare_every_candidate_on_the_same_draws_inside_each_stage(tiny_pipe):
     run = setup(tiny_pipe, [_image()], InversionConfig(**CFG, num_stages=4), Solo("cpu"))
     seen = []
 
-    def fake(run_, image, flip, eps_latent, noise, t, keys):
+    def fake(run_, image, view, eps_latent, noise, t, keys):
         seen.append((t.clone(), noise.clone(), [k for k, _ in keys]))
         return torch.full((len(t),), float((keys[0][0] - 2) ** 2))  # candidate 2 is best everywhere
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -110,3 +111,14 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL RGB images -> float tensor [B, 3, H, W] in [-1, 1]."""
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def rotate_hue(pixels: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Pixels [..., 3, H, W] in [-1, 1] with every colour turned ``degrees`` about the grey axis (Rodrigues'
+    rotation in RGB): greys, brightness and saturation stay, up to clipping; 120 degrees takes red to green."""
+    theta = math.radians(degrees)
+    k = torch.full((3,), 1 / math.sqrt(3), dtype=pixels.dtype)
+    cross = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]], dtype=pixels.dtype)
+    rot = math.cos(theta) * torch.eye(3, dtype=pixels.dtype) + math.sin(theta) * cross \
+        + (1 - math.cos(theta)) * torch.outer(k, k)
+    return torch.einsum("ij,...jhw->...ihw", rot, pixels).clamp(-1.0, 1.0)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .concept import Concept, add_to_pipeline, check_placeholder, init_embeddings, model_family, text_encoders
-from .data import MAX_SIDE, prepare, size_conditioning, to_tensor
+from .data import MAX_SIDE, prepare, rotate_hue, size_conditioning, to_tensor
 from .loading import fingerprint as model_fingerprint, model_name
 from . import stage_choice
 from .stages import StageMap
@@ -77,6 +77,10 @@ class InversionConfig:
         "help": "probability of a horizontal flip (a flip mirrors the layout, which is an attribute; 0.5 as the "
                 "official code for symmetric subjects)"})
     # 0, not the official 0.5: a flip mirrors the layout, which ProSpect transfers (left becomes right)
+    hue_jitter_from: int | None = field(default=None, metadata={
+        "help": "stages >= this (the first denoising steps) see each reference at a random hue, turned about the "
+                "grey axis, so their tokens learn layout and shape but not colour, which the text then decides; "
+                "the stage choice keeps them apart from the other stages' tokens (default: off)"})
     snr_gamma: float = field(default=0.0, metadata={
         "help": "min-SNR loss weighting with this gamma (Hang et al. 2023; 5 is usual; 0 = off, every timestep "
                 "weighs the same)"})
@@ -97,6 +101,7 @@ class InversionConfig:
 MAX_LR = 10.0  # textual inversion uses about 5e-3; far above this the embeddings only blow up
 LIMITS = {"steps": 10_000_000, "batch_size": 4096, "num_stages": 1000, "vectors_per_stage": 75}
 MAX_CHOICE_SAMPLES = 4096  # stage_choice: one model call holds this many samples
+HUES = 6  # hue_jitter_from: the reference is seen turned by 0, 60, ..., 300 degrees, each as likely
 _WHY = {"vectors_per_stage": " (a stage's tokens must fit CLIP's 77-token prompt)"}
 
 
@@ -138,6 +143,10 @@ def check_config(cfg: InversionConfig) -> None:
         raise InversionError(f"parameterization must be 'free', 'shared' or 'mapper', got {cfg.parameterization!r}")
     if cfg.parameterization == "mapper" and cfg.ti_warmup:
         raise InversionError("ti_warmup needs the free or shared parameterization, not the mapper")
+    if cfg.hue_jitter_from is not None and (isinstance(cfg.hue_jitter_from, bool) or not isinstance(
+            cfg.hue_jitter_from, Integral) or not 0 <= cfg.hue_jitter_from < cfg.num_stages):
+        raise InversionError(f"hue_jitter_from must be a stage in [0, {cfg.num_stages - 1}] or None (off), "
+                             f"got {cfg.hue_jitter_from!r}")
     if not 0.0 <= cfg.flip_p <= 1.0:  # also catches NaN
         raise InversionError(f"flip_p must be a probability in [0, 1], got {cfg.flip_p}")
     for name in ("snr_gamma", "smoothness"):
@@ -171,6 +180,8 @@ def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
     for name in ("snr_gamma", "ti_warmup", "smoothness"):  # off: the fingerprint of checkpoints made before the option
         if not settings[name]:
             del settings[name]
+    if settings["hue_jitter_from"] is None:
+        del settings["hue_jitter_from"]
     h = hashlib.sha256(json.dumps(settings,
                                   sort_keys=True, default=list).encode())
     for im in images:
@@ -179,15 +190,28 @@ def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
 
 
 @torch.no_grad()
+def hues(cfg: InversionConfig) -> int:
+    """How many hues each reference is seen at: ``HUES`` with ``hue_jitter_from``, else 1 (its own)."""
+    return 1 if cfg.hue_jitter_from is None else HUES
+
+
+@torch.no_grad()
 def _cache_latents(pipe, images: list[Image.Image], cfg: InversionConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image and its mirror, computed once: [I, 2, C, h, w] each."""
+    """Posterior mean and std of every view of every image, computed once: [I, V, C, h, w] each. View
+    ``flip * H + h`` is the image (mirrored where ``flip``) turned by hue ``h * 360 / H`` degrees, H = ``hues``."""
     res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels = to_tensor([prepare(im, res, cfg.crop) for im in images])
-    pixels = torch.stack([pixels, pixels.flip(-1)], dim=1).flatten(0, 1)
+    pixels = torch.stack([pixels, pixels.flip(-1)], dim=1)  # [I, 2, 3, H, W]
+    n = hues(cfg)
+    pixels = torch.stack([rotate_hue(pixels, h * 360 / n) if h else pixels for h in range(n)], dim=2).flatten(0, 2)
     vae = pipe.vae
-    dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-    shape = (len(images), 2, *dist.mean.shape[1:])
-    return dist.mean.float().reshape(shape), dist.std.float().reshape(shape)
+    means, stds = [], []
+    for chunk in pixels.split(8):  # the VAE's activations of a few images at a time
+        dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    shape = (len(images), 2 * n, *means[0].shape[1:])
+    return torch.cat(means).reshape(shape), torch.cat(stds).reshape(shape)
 
 
 def _draw(step: int, cfg: InversionConfig, num_images: int, stage_map: StageMap, latent_shape) -> dict:
@@ -201,7 +225,7 @@ def _draw(step: int, cfg: InversionConfig, num_images: int, stage_map: StageMap,
         stages = torch.randint(0, n, (b,), generator=gen)
     lo_hi = torch.tensor([stage_map.bounds(int(s)) for s in stages])
     t = lo_hi[:, 0] + (torch.rand(b, generator=gen) * (lo_hi[:, 1] - lo_hi[:, 0])).long()
-    return dict(
+    d = dict(
         stages=stages,
         t=t,
         image=torch.randint(0, num_images, (b,), generator=gen),
@@ -210,6 +234,12 @@ def _draw(step: int, cfg: InversionConfig, num_images: int, stage_map: StageMap,
         eps_latent=torch.randn((b, *latent_shape), generator=gen),
         noise=torch.randn((b, *latent_shape), generator=gen),
     )
+    n = hues(cfg)
+    hue = torch.zeros(b, dtype=torch.long)
+    if n > 1:  # drawn last, so the draws above are those of a run without hue jitter
+        hue = torch.randint(0, n, (b,), generator=gen) * (stages >= cfg.hue_jitter_from).long()
+    d["view"] = d.pop("flip") * n + hue
+    return d
 
 
 def _target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -236,7 +266,7 @@ class Inversion:
     bases: list[torch.nn.Embedding]  # each text encoder's own input embeddings (SDXL: two)
     layers: list[ConceptRows]  # the trainable rows, in place of ``bases`` during the run
     opt: torch.optim.Optimizer
-    mean: torch.Tensor  # cached latent posterior of every image and its mirror
+    mean: torch.Tensor  # cached latent posterior of every view of every image (mirror, hues)
     std: torch.Tensor
     captions: dict  # (stage, template) -> caption text
     fingerprint: str  # of the images and settings, for resume
@@ -329,7 +359,7 @@ def step(run: Inversion, index: int) -> StepLog:
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     d = {k: v[mine].to(device) for k, v in d.items()}
     keys = [(int(k), int(j)) for k, j in zip(d["stages"], d["template"])]
-    losses = sample_losses(run, d["image"], d["flip"], d["eps_latent"], d["noise"], d["t"], keys)
+    losses = sample_losses(run, d["image"], d["view"], d["eps_latent"], d["noise"], d["t"], keys)
     if cfg.snr_gamma:  # min-SNR: each sample weighted by min(SNR, gamma) / (SNR + 1 for v, SNR for eps, 1 for x0)
         loss = (_min_snr_weights(run.sched, d["t"], cfg.snr_gamma) * losses).mean()
     else:
@@ -349,12 +379,13 @@ def step(run: Inversion, index: int) -> StepLog:
     return StepLog(index, loss_all.item(), [k for k, _ in keys])
 
 
-def sample_losses(run: Inversion, image, flip, eps_latent, noise, t, keys: list[tuple[int, int]]) -> torch.Tensor:
-    """Each sample's denoising loss (mean squared error of the model's prediction), [B]: image ``image`` (mirrored
-    where ``flip``), its latent drawn with ``eps_latent``, noised with ``noise`` to timestep ``t`` and captioned with
-    ``run.captions[key]`` (key = (stage of the token, template)). Gradients reach the rows the text encoders hold."""
+def sample_losses(run: Inversion, image, view, eps_latent, noise, t, keys: list[tuple[int, int]]) -> torch.Tensor:
+    """Each sample's denoising loss (mean squared error of the model's prediction), [B]: image ``image`` seen as
+    ``view`` (0: itself; see ``_cache_latents``), its latent drawn with ``eps_latent``, noised with ``noise`` to
+    timestep ``t`` and captioned with ``run.captions[key]`` (key = (stage of the token, template)). Gradients reach
+    the rows the text encoders hold."""
     pipe, device = run.pipe, run.device
-    x0 = (run.mean[image, flip] + run.std[image, flip] * eps_latent) * pipe.vae.config.scaling_factor
+    x0 = (run.mean[image, view] + run.std[image, view] * eps_latent) * pipe.vae.config.scaling_factor
     unique = sorted(set(keys))  # encode only the stage prompts this batch needs
     unet_dtype = pipe.unet.conv_in.weight.dtype  # (pipe.unet.dtype walks every module)
     with run.accelerator.autocast():
@@ -457,7 +488,8 @@ def invert(
                 _validate(validate, done, run)
         learned = run.learned()
         if cfg.stage_choice and cfg.num_stages > 1:  # each stage keeps the token that denoises best there
-            choice = stage_choice.choose(stage_choice.stage_losses(run, cfg.stage_choice, sample_losses))
+            groups = None if cfg.hue_jitter_from is None else [int(k >= cfg.hue_jitter_from) for k in range(cfg.num_stages)]
+            choice = stage_choice.choose(stage_choice.stage_losses(run, cfg.stage_choice, sample_losses), groups)
             tables = stage_choice.apply(learned.tables, choice)
             learned = replace(learned, embeddings=tables[0], embeddings_2=tables[1] if len(tables) > 1 else None)
     finally:

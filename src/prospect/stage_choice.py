@@ -21,15 +21,16 @@ import torch
 def stage_losses(run, samples: int, losses: Callable) -> torch.Tensor:
     """[stage, candidate] mean denoising loss of the reference at each stage's timesteps with each stage's token.
 
-    ``losses(run, image, flip, eps_latent, noise, t, keys)`` is the inversion's per-sample loss; the text encoders
-    must hold the trained rows. Draws: ``samples`` per stage, from the run's seed alone (no flip, no latent draw)."""
+    ``losses(run, image, view, eps_latent, noise, t, keys)`` is the inversion's per-sample loss; the text encoders
+    must hold the trained rows. Draws: ``samples`` per stage, from the run's seed alone (view 0, the image itself;
+    no latent draw)."""
     n = run.cfg.num_stages
     gen = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + 999_983)
     shape = tuple(run.mean.shape[2:])
     noise = torch.randn((samples, *shape), generator=gen).to(run.device)
     eps_latent = torch.zeros((samples, *shape), device=run.device)  # the posterior mean: the reference itself
     image = (torch.arange(samples) % run.num_images).to(run.device)
-    flip = torch.zeros(samples, dtype=torch.long, device=run.device)
+    view = torch.zeros(samples, dtype=torch.long, device=run.device)
     templates = [i % len(run.cfg.templates) for i in range(samples)]
     out = torch.empty(n, n)
     with torch.no_grad():
@@ -38,13 +39,17 @@ def stage_losses(run, samples: int, losses: Callable) -> torch.Tensor:
             t = (lo + (torch.arange(samples) + 0.5) / samples * (hi - lo)).long().to(run.device)  # in [lo, hi)
             for cand in range(n):
                 keys = [(cand, j) for j in templates]
-                out[stage, cand] = losses(run, image, flip, eps_latent, noise, t, keys).float().mean().cpu()
+                out[stage, cand] = losses(run, image, view, eps_latent, noise, t, keys).float().mean().cpu()
     return out
 
 
-def choose(table: torch.Tensor) -> list[int]:
-    """Per stage, the candidate of lowest loss (its own on a tie)."""
+def choose(table: torch.Tensor, groups: list[int] | None = None) -> list[int]:
+    """Per stage, the candidate of lowest loss (its own on a tie); with ``groups`` (one label per stage), only
+    among the stages of its own group (hue jitter: a colour-free stage keeps a colour-free token, and back)."""
     own = torch.arange(table.shape[0])
+    if groups is not None:
+        label = torch.tensor(groups)
+        table = table.masked_fill(label[:, None] != label[None, :], float("inf"))
     best = table.argmin(dim=1)
     keep = table[own, own] <= table[own, best]
     return torch.where(keep, own, best).tolist()
