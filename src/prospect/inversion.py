@@ -189,7 +189,6 @@ def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
 def hues(cfg: InversionConfig) -> int:
     """How many hues each reference is seen at: ``HUES`` with ``hue_jitter_from``, else 1 (its own)."""
     return 1 if cfg.hue_jitter_from is None else HUES
