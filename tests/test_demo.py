@@ -15,7 +15,8 @@ from prospect.toyworld.reader import read
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One `prospect demo` on a reduced budget (2 inversion steps, 2 images a row, 4 denoising steps):
+    """One `prospect demo` on a reduced budget (2 inversion steps, 2 images a row, 4 denoising steps,
+    a stage choice on one draw per stage):
     what it printed, and the report run_demo returned to the command."""
     import contextlib
     import functools
@@ -32,7 +33,8 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "d"
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
-        mp.setattr(prospect.toyworld.demo, "DemoConfig", functools.partial(DemoConfig, samples=2, num_inference_steps=4))
+        mp.setattr(prospect.toyworld.demo, "DemoConfig", functools.partial(DemoConfig, samples=2, num_inference_steps=4,
+                                                                             stage_choice=1))
         mp.setattr(prospect.toyworld.demo, "run_demo", keep)
         assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
     (report,) = reports

@@ -104,6 +104,7 @@ class DemoConfig:
     seed: int = 0  # seed of the inversion and of every generation
     inversion_steps: int = 150  # inversion budget (about a minute on 2 CPU cores; docs/inversion-fidelity.md)
     lr: float = 5e-3  # inversion learning rate; vectors per stage and flip are InversionConfig's defaults
+    stage_choice: int = InversionConfig.stage_choice  # draws per stage of the stage choice (0 = each stage keeps its own)
     samples: int = 4  # images per task
     num_inference_steps: int = 50  # DDIM steps
     guidance_scale: float | None = None  # None = each row's own (Task.guidance_scale); a number = every row
@@ -143,7 +144,8 @@ def run_demo(cfg: DemoConfig, model: str | Path | None = None,
     pp = load() if load is not None else ProSpectPipeline.from_pretrained(model)
     out = ensure_dir(cfg.out)
     pp.pipe.set_progress_bar_config(disable=True)
-    inv = InversionConfig(initializer="shape", steps=cfg.inversion_steps, lr=cfg.lr, seed=cfg.seed, checkpoint_every=0)
+    inv = InversionConfig(initializer="shape", steps=cfg.inversion_steps, lr=cfg.lr, seed=cfg.seed, checkpoint_every=0,
+                          stage_choice=cfg.stage_choice)
     concept = invert(pp.pipe, [reference], inv, accelerator=Solo(pp.device) if load is not None else None)
     pp.load_concept(concept)
     concept_path = concept.save(out / "concept.safetensors")
