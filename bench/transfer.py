@@ -51,6 +51,8 @@ class BenchConfig:
     parameterization: str = "free"  # ProSpect's stage coupling ("free" or "shared"; TI has one stage either way)
     stage_choice: int = 16  # ProSpect: each stage keeps the best-denoising stage token (0 = its own; TI has one)
     hue_jitter_from: int | None = None  # ProSpect: stages >= this learn from the reference at random hues (TI: n/a)
+    templates: tuple[str, ...] = ("{}",)  # inversion caption templates, both methods; {texture}, {colour}, {shape},
+    # {position}, {background} name the reference's own values (a captioned inversion: the user describes the image)
     seed: int = 0  # reference scenes, text attributes, inversions and image seeds derive from it
     seeds: int = 4  # images per reference per condition
     num_inference_steps: int = 20  # DDIM steps
@@ -81,16 +83,23 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def learn(pp: ProSpectPipeline, image: Image.Image, num_stages: int, path: Path, cfg: BenchConfig) -> tuple[Concept, float]:
-    """The cached concept, or invert and cache it (resumable from its checkpoint); returns seconds spent."""
+def fill_templates(templates: tuple[str, ...], scene: world.Scene) -> tuple[str, ...]:
+    """The inversion's templates for ``scene``: each named field becomes the reference's own value, ``{}`` stays."""
+    values = scene.attributes()
+    return tuple(t.format("{}", **values) for t in templates)
+
+
+def learn(pp: ProSpectPipeline, scene: world.Scene, num_stages: int, path: Path, cfg: BenchConfig) -> tuple[Concept, float]:
+    """The cached concept, or invert ``scene``'s image and cache it (resumable from its checkpoint); returns seconds."""
     if path.exists():
         return Concept.load(path), 0.0
-    start = time.time()
+    start, image = time.time(), world.render_pil(scene)
     staged = num_stages > 1  # the settings of ProSpect's stages; TI has one token for all timesteps
     inv = InversionConfig(initializer=cfg.initializer, num_stages=num_stages, steps=cfg.steps, lr=cfg.lr,
                           batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=50, flip_p=cfg.flip_p,
                           vectors_per_stage=cfg.vectors, parameterization=cfg.parameterization,
-                          stage_choice=cfg.stage_choice, hue_jitter_from=cfg.hue_jitter_from if staged else None)
+                          stage_choice=cfg.stage_choice, hue_jitter_from=cfg.hue_jitter_from if staged else None,
+                          templates=fill_templates(cfg.templates, scene))
     ckpt = path.with_suffix(".ckpt")
     concept = invert(pp.pipe, [image], inv, checkpoint=ckpt, resume=True, progress=False)
     concept.save(path)
@@ -128,7 +137,7 @@ def run_reference(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path], todo: lis
         mine = [c for c in missing if c.method == method or (method == "ti" and c.method == "caption")]
         if not mine:  # e.g. a rerun that only adds a chosen ProSpect split
             continue
-        concept, spent = learn(pp, image, n, concept_path(dirs, r, method), cfg)
+        concept, spent = learn(pp, scene, n, concept_path(dirs, r, method), cfg)
         seconds["inversion"] += spent
         # TI's one row repeated in every stage: one token for all timesteps, same pipeline code path.
         pp.load_concept(in_every_stage(concept, "*", pp.num_stages))
@@ -167,7 +176,7 @@ def run_mix(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path]) -> dict:
     b, seeds, readings = bm.mix_partner(cfg, r), image_seeds(cfg, r), {}
     for method, n in (("prospect", pp.num_stages), ("ti", 1)):
         for name, ref in (("<a>", r), ("<b>", b)):
-            c, _ = learn(pp, world.render_pil(bm.reference_scene(cfg.seed, ref)), n, concept_path(dirs, ref, method), cfg)
+            c, _ = learn(pp, bm.reference_scene(cfg.seed, ref), n, concept_path(dirs, ref, method), cfg)
             pp.load_concept(in_every_stage(c, name, pp.num_stages))
         images = generate(pp, [bm.mix_prompts(method, cfg.mix_split)] * len(seeds), seeds, cfg)
         readings[method] = [g.as_dict() for g in read_batch(images)]
@@ -185,7 +194,8 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
              f"inversion {cfg.steps} steps, lr {cfg.lr}, batch {cfg.batch_size}, initializer '{cfg.initializer}', "
              f"flip p {cfg.flip_p}, {cfg.vectors} vector(s) per stage, {cfg.parameterization} stages, "
              f"stage choice {cfg.stage_choice or 'off'}, hue jitter "
-             f"{'off' if cfg.hue_jitter_from is None else f'in stages >= {cfg.hue_jitter_from} (ProSpect)'}; "
+             f"{'off' if cfg.hue_jitter_from is None else f'in stages >= {cfg.hue_jitter_from} (ProSpect)'}, templates "
+             f"{', '.join(repr(t) for t in cfg.templates)}; "
              f"DDIM {cfg.num_inference_steps}, CFG {cfg.guidance_scale}. 95 % intervals: Wilson over images "
              "(assumes independent images) and bootstrap over references (the one to read).", "",
              "| task | method | success | Wilson 95 % | bootstrap 95 % (refs) | " + " | ".join(world.ATTRIBUTES) + " |",
@@ -259,7 +269,8 @@ def run(cfg: BenchConfig) -> dict:
                   init=cfg.initializer, seed=cfg.seed, **({"flip_p": cfg.flip_p} if cfg.flip_p != 0.5 else {}),
                   **({"vectors": cfg.vectors} if cfg.vectors != 1 else {}),
                   **({"parameterization": cfg.parameterization} if cfg.parameterization != "free" else {}),
-                  **({"stage_choice": cfg.stage_choice} if cfg.stage_choice else {}))
+                  **({"stage_choice": cfg.stage_choice} if cfg.stage_choice else {}),
+                  **({"templates": list(cfg.templates)} if tuple(cfg.templates) != ("{}",) else {}))
     ti_key = _key(shared)  # hue jitter is ProSpect's alone: TI's concepts are those of the run without it
     inv_key = ti_key if cfg.hue_jitter_from is None else _key(dict(shared, hue_jitter_from=cfg.hue_jitter_from))
     gen_key = _key(dict(inv=inv_key, seeds=cfg.seeds, steps=cfg.num_inference_steps, cfg=cfg.guidance_scale))
@@ -313,6 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "(default 16; 0 = each stage keeps its own)")
     p.add_argument("--hue-jitter-from", type=int, help="ProSpect: stages >= K learn from the reference at random "
                    "hues, so they carry no colour (default: off)")
+    p.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
+                   help="inversion caption template with {}, both methods, repeatable (default '{}'); {texture}, "
+                   "{colour}, {shape}, {position}, {background} are the reference's own values (a captioned inversion)")
     p.add_argument("--initializer", help="initializer word(s), both methods (default 'shape')")
     p.add_argument("--batch-size", type=int, help="inversion batch, both methods (default 10)")
     p.add_argument("--num-inference-steps", type=int, help="DDIM steps (default 20)")
@@ -325,6 +339,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("quick",)}
+    if "templates" in given:
+        given["templates"] = tuple(given["templates"])
+        for t in given["templates"]:
+            try:
+                filled = t.format("\0", **{a: a for a in world.ATTRIBUTES})
+            except (IndexError, KeyError, ValueError) as err:
+                p.error(f"--template {t!r}: fields are {{}} and {', '.join('{' + a + '}' for a in world.ATTRIBUTES)} ({err!r})")
+            if filled.count("\0") != 1:
+                p.error(f"--template {t!r} must contain {{}} exactly once")
     if "sweep" in given:
         given["sweep"] = tuple(int(k) for k in given["sweep"].split(","))
     if "chosen" in given:
