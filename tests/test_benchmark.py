@@ -219,3 +219,16 @@ def test_mixing_two_concepts_switches_placeholders_at_the_split_and_scores_a_and
     out = bm.score_mix(readings, cfg)
     assert out["prospect"]["success"]["rate"] == 1.0 and out["ti"]["success"]["rate"] == 0.0
     assert out["difference"]["mean"] == 1.0
+
+
+def test_captioned_templates_take_the_references_own_words_and_bad_ones_exit_2(capsys):
+    script = _script()
+    scene = bm.reference_scene(1, 0)
+    filled = script["fill_templates"](("{}", "a {texture} {colour} {}", "{} on the {position}"), scene)
+    assert filled == ("{}", f"a {scene.texture} {scene.colour} {{}}", f"{{}} on the {scene.position}")
+    assert all(t.format("*").count("*") == 1 for t in filled)  # still one slot for the concept
+    for bad, says in (("a {x} {}", "fields are"), ("a photo", "exactly once"), ("{} {}", "out of range")):
+        with pytest.raises(SystemExit) as err:
+            script["main"](["--template", bad])
+        assert err.value.code == 2
+        assert says in capsys.readouterr().err
