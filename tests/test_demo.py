@@ -6,6 +6,7 @@ import html
 import re
 
 import pytest
+import torch
 
 from prospect.toyworld import world
 from prospect.cli import main
@@ -60,6 +61,14 @@ def test_demo_writes_figure_report_and_concept(demo_run):
         assert marked == (task.name in report.failed_rows()) == (report.shown[task.name] < 2)
     assert page.count("This row is not a result") == len(report.failed_rows())
     assert "guidance per row" in page
+    # the layout row has its own inversion, captioned with the reference's words as the reader reads them
+    from prospect import Concept
+    layout = TASK_BY_NAME["layout-aware"]
+    assert layout.template and [t.name for t in TASKS if t.template] == ["layout-aware"]
+    own = Concept.load(out / "concept-layout-aware.safetensors")
+    assert not torch.equal(own.embeddings, Concept.load(report.concept).embeddings)
+    words = layout.template.format("{}", **REFERENCE.attributes())
+    assert words == "a checkered red {}" and f"'{words}' (the reference's own words)" in page
     for task in TASKS:  # each row states the CFG scale it ran at (chosen with its stages on the pilot)
         assert f"{html.escape(task.description)} (CFG {task.guidance_scale:g})" in page
 
