@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from prospect import Concept, InversionConfig, ProSpectPipeline, invert
+from prospect.inversion import InversionError, check_config
 from prospect.toyworld import world
 from prospect.toyworld import benchmark as bm
 from prospect.toyworld import plots
@@ -83,9 +84,8 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def fill_templates(templates: tuple[str, ...], scene: world.Scene) -> tuple[str, ...]:
-    """The inversion's templates for ``scene``: each named field becomes the reference's own value, ``{}`` stays."""
-    values = scene.attributes()
+def fill_templates(templates: tuple[str, ...], values: dict[str, str]) -> tuple[str, ...]:
+    """The inversion's templates for a reference: each named field becomes its value (``values``), ``{}`` stays."""
     return tuple(t.format("{}", **values) for t in templates)
 
 
@@ -99,7 +99,7 @@ def learn(pp: ProSpectPipeline, scene: world.Scene, num_stages: int, path: Path,
                           batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=50, flip_p=cfg.flip_p,
                           vectors_per_stage=cfg.vectors, parameterization=cfg.parameterization,
                           stage_choice=cfg.stage_choice, hue_jitter_from=cfg.hue_jitter_from if staged else None,
-                          templates=fill_templates(cfg.templates, scene))
+                          templates=fill_templates(cfg.templates, scene.attributes()))
     ckpt = path.with_suffix(".ckpt")
     concept = invert(pp.pipe, [image], inv, checkpoint=ckpt, resume=True, progress=False)
     concept.save(path)
@@ -341,13 +341,12 @@ def main(argv: list[str] | None = None) -> dict:
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("quick",)}
     if "templates" in given:
         given["templates"] = tuple(given["templates"])
-        for t in given["templates"]:
-            try:
-                filled = t.format("\0", **{a: a for a in world.ATTRIBUTES})
-            except (IndexError, KeyError, ValueError) as err:
-                p.error(f"--template {t!r}: fields are {{}} and {', '.join('{' + a + '}' for a in world.ATTRIBUTES)} ({err!r})")
-            if filled.count("\0") != 1:
-                p.error(f"--template {t!r} must contain {{}} exactly once")
+        try:  # the world's fields first; then the inversion's own check of each template's one '{}'
+            check_config(InversionConfig(templates=fill_templates(given["templates"], {a: a for a in world.ATTRIBUTES})))
+        except InversionError as err:
+            p.error(f"--template: {err}")
+        except (IndexError, KeyError, ValueError) as err:
+            p.error(f"--template: fields are {{}} and {', '.join('{' + a + '}' for a in world.ATTRIBUTES)} ({err!r})")
     if "sweep" in given:
         given["sweep"] = tuple(int(k) for k in given["sweep"].split(","))
     if "chosen" in given:

@@ -224,7 +224,7 @@ def test_mixing_two_concepts_switches_placeholders_at_the_split_and_scores_a_and
 def test_captioned_templates_take_the_references_own_words_and_bad_ones_exit_2(capsys):
     script = _script()
     scene = bm.reference_scene(1, 0)
-    filled = script["fill_templates"](("{}", "a {texture} {colour} {}", "{} on the {position}"), scene)
+    filled = script["fill_templates"](("{}", "a {texture} {colour} {}", "{} on the {position}"), scene.attributes())
     assert filled == ("{}", f"a {scene.texture} {scene.colour} {{}}", f"{{}} on the {scene.position}")
     assert all(t.format("*").count("*") == 1 for t in filled)  # still one slot for the concept
     for bad, says in (("a {x} {}", "fields are"), ("a photo", "exactly once"), ("{} {}", "out of range")):

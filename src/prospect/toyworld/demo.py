@@ -49,6 +49,10 @@ class Task:
         """The attribute values an image must show for this row to show what its caption claims."""
         return {**{a: reference[a] for a in self.from_reference}, **self.from_text}
 
+    def caption(self, reference: dict[str, str]) -> str:
+        """This row's captioned template with the reference's words filled in ('{}' stays for the token)."""
+        return self.template.format("{}", **reference)
+
 
 SHOWN = 3  # a row shows its claim when at least this many of 4 images do (read back)
 
@@ -158,7 +162,7 @@ def run_demo(cfg: DemoConfig, model: str | Path | None = None,
     concepts, results = {None: concept}, {}
     for task in TASKS:
         if task.template not in concepts:
-            captioned = replace(inv, templates=("{}", task.template.format("{}", **ref_attrs)))
+            captioned = replace(inv, templates=("{}", task.caption(ref_attrs)))
             concepts[task.template] = invert(pp.pipe, [reference], captioned, accelerator=accelerator)
             concepts[task.template].save(out / f"concept-{task.name.replace(' ', '-')}.safetensors")
         pp.load_concept(concepts[task.template])
@@ -231,7 +235,7 @@ def _html(reference: dict[str, str], readings: dict, cfg: DemoConfig, seconds: f
                        f"(a row needs {min(SHOWN, n)}). This row is not a result.</p>")
         if task.template:
             verdict += (f"<p>Inverted again for this row with the templates '{{}}' and "
-                        f"'{esc(task.template.format('{}', **reference))}' (the reference's own words).</p>")
+                        f"'{esc(task.caption(reference))}' (the reference's own words).</p>")
         words = task.prospect_words or ["*"] * 10
         stage_list = "<br>".join(f"{i}: {esc(w)}" for i, w in enumerate(words))
         cells = []
