@@ -52,6 +52,7 @@ class BenchConfig:
     parameterization: str = "free"  # ProSpect's stage coupling ("free" or "shared"; TI has one stage either way)
     stage_choice: int = 16  # ProSpect: each stage keeps the best-denoising stage token (0 = its own; TI has one)
     hue_jitter_from: int | None = None  # ProSpect: stages >= this learn from the reference at random hues (TI: n/a)
+    hue_jitter_below: int | None = None  # ProSpect: stages < this learn from the reference at random hues (TI: n/a)
     templates: tuple[str, ...] = ("{}",)  # inversion caption templates, both methods; {texture}, {colour}, {shape},
     # {position}, {background} name the reference's own values (a captioned inversion: the user describes the image)
     seed: int = 0  # reference scenes, text attributes, inversions and image seeds derive from it
@@ -99,6 +100,7 @@ def learn(pp: ProSpectPipeline, scene: world.Scene, num_stages: int, path: Path,
                           batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=50, flip_p=cfg.flip_p,
                           vectors_per_stage=cfg.vectors, parameterization=cfg.parameterization,
                           stage_choice=cfg.stage_choice, hue_jitter_from=cfg.hue_jitter_from if staged else None,
+                          hue_jitter_below=cfg.hue_jitter_below if staged else None,
                           templates=fill_templates(cfg.templates, scene.attributes()))
     ckpt = path.with_suffix(".ckpt")
     concept = invert(pp.pipe, [image], inv, checkpoint=ckpt, resume=True, progress=False)
@@ -188,13 +190,18 @@ def _ci(lo_hi) -> str:
     return f"[{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]"
 
 
+def _jitter_words(cfg: BenchConfig) -> str:
+    where = ([f"stages >= {cfg.hue_jitter_from}"] if cfg.hue_jitter_from is not None else []) + (
+        [f"stages < {cfg.hue_jitter_below}"] if cfg.hue_jitter_below is not None else [])
+    return f"in {' and '.join(where)} (ProSpect)" if where else "off"
+
+
 def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
     """The tables of results.md (also printed)."""
     lines = [f"Attribute transfer on the toy world: {n_refs} references x {cfg.seeds} images per task; "
              f"inversion {cfg.steps} steps, lr {cfg.lr}, batch {cfg.batch_size}, initializer '{cfg.initializer}', "
              f"flip p {cfg.flip_p}, {cfg.vectors} vector(s) per stage, {cfg.parameterization} stages, "
-             f"stage choice {cfg.stage_choice or 'off'}, hue jitter "
-             f"{'off' if cfg.hue_jitter_from is None else f'in stages >= {cfg.hue_jitter_from} (ProSpect)'}, templates "
+             f"stage choice {cfg.stage_choice or 'off'}, hue jitter {_jitter_words(cfg)}, templates "
              f"{', '.join(repr(t) for t in cfg.templates)}; "
              f"DDIM {cfg.num_inference_steps}, CFG {cfg.guidance_scale}. 95 % intervals: Wilson over images "
              "(assumes independent images) and bootstrap over references (the one to read).", "",
@@ -272,7 +279,9 @@ def run(cfg: BenchConfig) -> dict:
                   **({"stage_choice": cfg.stage_choice} if cfg.stage_choice else {}),
                   **({"templates": list(cfg.templates)} if tuple(cfg.templates) != ("{}",) else {}))
     ti_key = _key(shared)  # hue jitter is ProSpect's alone: TI's concepts are those of the run without it
-    inv_key = ti_key if cfg.hue_jitter_from is None else _key(dict(shared, hue_jitter_from=cfg.hue_jitter_from))
+    jitter = {k: v for k, v in (("hue_jitter_from", cfg.hue_jitter_from), ("hue_jitter_below", cfg.hue_jitter_below))
+              if v is not None}
+    inv_key = _key(dict(shared, **jitter)) if jitter else ti_key
     gen_key = _key(dict(inv=inv_key, seeds=cfg.seeds, steps=cfg.num_inference_steps, cfg=cfg.guidance_scale))
     dirs = {"out": cfg.out, "concepts": cfg.out / "concepts" / inv_key, "concepts_ti": cfg.out / "concepts" / ti_key,
             "readings": cfg.out / "readings" / gen_key}
@@ -324,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "(default 16; 0 = each stage keeps its own)")
     p.add_argument("--hue-jitter-from", type=int, help="ProSpect: stages >= K learn from the reference at random "
                    "hues, so they carry no colour (default: off)")
+    p.add_argument("--hue-jitter-below", type=int, help="ProSpect: stages < K learn from the reference at random "
+                   "hues, so the late (texture) tokens carry no colour (default: off)")
     p.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
                    help="inversion caption template with {}, both methods, repeatable (default '{}'); {texture}, "
                    "{colour}, {shape}, {position}, {background} are the reference's own values (a captioned inversion)")
@@ -363,6 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.hue_jitter_from is not None and not 0 <= cfg.hue_jitter_from < 10:
         p.error("--hue-jitter-from must be a stage in 0..9")
+    if cfg.hue_jitter_below is not None and not 1 <= cfg.hue_jitter_below <= 10:
+        p.error("--hue-jitter-below must be a stage count in 1..10")
     if any(not 0 <= k <= 10 for k in cfg.sweep):
         p.error("--sweep values must lie in 0..10")
     return run(cfg)

@@ -160,6 +160,9 @@ def test_train_with_hue_jitter_learns_other_late_tokens_and_the_same_early_ones(
     assert main(base + ["--out", str(workdir / "hue.safetensors"), "--hue-jitter-from", "8"]) == 0
     plain, hue = (Concept.load(workdir / f"{n}.safetensors").embeddings for n in ("plain", "hue"))
     assert torch.equal(plain[:8], hue[:8]) and not torch.allclose(plain[8:], hue[8:])
+    assert main(base + ["--out", str(workdir / "late.safetensors"), "--hue-jitter-below", "2"]) == 0
+    late = Concept.load(workdir / "late.safetensors").embeddings
+    assert torch.equal(plain[2:], late[2:]) and not torch.allclose(plain[:2], late[:2])
 
 
 @pytest.mark.parametrize("flag, value, match", [("--vectors-per-stage", "0", "vectors_per_stage"),

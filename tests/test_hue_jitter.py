@@ -1,4 +1,4 @@
-"""Hue jitter: stages >= ``hue_jitter_from`` learn from the reference at random hues, so they carry no colour."""
+"""Hue jitter: stages >= ``hue_jitter_from`` or < ``hue_jitter_below`` learn from the reference at random hues, so they carry no colour."""
 
 from __future__ import annotations
 
@@ -90,3 +90,42 @@ def test_off_keeps_the_fingerprint_of_runs_made_before_the_option():
 def test_a_stage_outside_the_run_is_refused(value):
     with pytest.raises(InversionError, match=r"hue_jitter_from must be a stage in \[0, 9\] or None"):
         check_config(replace(CFG, hue_jitter_from=value))
+
+
+def test_hue_jitter_below_jitters_the_late_stages_and_combines_with_from():
+    from prospect.inversion import hues, jittered
+
+    assert jittered(CFG) == [False] * 10 and hues(CFG) == 1
+    assert jittered(replace(CFG, hue_jitter_below=4)) == [True] * 4 + [False] * 6
+    assert jittered(replace(CFG, hue_jitter_below=3, hue_jitter_from=8)) == [True] * 3 + [False] * 5 + [True] * 2
+    assert hues(replace(CFG, hue_jitter_below=1)) == HUES
+    stage_map = StageMap(10, 1000)
+    off = _draw(5, CFG, 1, stage_map, (4, 2, 2))
+    seen = set()
+    for step in range(30):
+        d = _draw(step, replace(CFG, hue_jitter_below=4), 1, stage_map, (4, 2, 2))
+        assert (d["view"][d["stages"] >= 4] % HUES == 0).all()  # the early stages see the reference's own hue
+        seen |= set((d["view"] % HUES)[d["stages"] < 4].tolist())
+    assert seen == set(range(HUES))
+    on = _draw(5, replace(CFG, hue_jitter_below=4), 1, stage_map, (4, 2, 2))
+    for key in ("stages", "t", "image", "template", "eps_latent", "noise"):
+        assert torch.equal(off[key], on[key]), key
+
+
+def test_a_late_jittered_inversion_keeps_the_early_tokens_and_the_choice_in_its_group(tiny_pipe):
+    free = invert(tiny_pipe, [_image()], replace(CFG, stage_choice=0), progress=False, accelerator=Solo("cpu"))
+    late = invert(tiny_pipe, [_image()], replace(CFG, stage_choice=0, hue_jitter_below=3), progress=False,
+                  accelerator=Solo("cpu"))
+    torch.testing.assert_close(late.embeddings[3:], free.embeddings[3:])  # only stages 0-2 see other hues
+    assert not torch.allclose(late.embeddings[:3], free.embeddings[:3])
+    chosen = invert(tiny_pipe, [_image()], replace(CFG, hue_jitter_below=3), progress=False, accelerator=Solo("cpu"))
+    for k in range(10):
+        same = [j for j in range(10) if torch.allclose(chosen.embeddings[k], late.embeddings[j])]
+        assert same and all((j < 3) == (k < 3) for j in same), (k, same)
+    assert _fingerprint([_image()], replace(CFG, hue_jitter_below=3)) != _fingerprint([_image()], CFG)
+
+
+@pytest.mark.parametrize("value", [0, 11, 2.5, "4", True])
+def test_a_stage_count_outside_the_run_is_refused(value):
+    with pytest.raises(InversionError, match=r"hue_jitter_below must be a stage count in \[1, 10\] or None"):
+        check_config(replace(CFG, hue_jitter_below=value))

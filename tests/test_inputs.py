@@ -96,6 +96,7 @@ BAD_VALUES = {
     "device": ["banana", "cuda:7"],
     "port": ["0", "-1", "65536", "abc"],
     "stage": ["-1", "10", "1.5", "abc"],  # a stage of the run's 10
+    "stage_count": ["0", "11", "1.5", "abc"],  # a number of the run's 10 stages, at least 1
 }
 
 TRAIN = ["train", "{refs}", "--out", "{out}/c.safetensors", "--model", "{model}", "--steps", "2", "--batch-size", "2",
@@ -112,6 +113,7 @@ FLAGS = [  # (base command line, flag, kind)
     (TRAIN, "--lr", "rate"), (TRAIN, "--batch-size", "count"), (TRAIN, "--resolution", "size"),
     (TRAIN, "--flip-p", "prob"), (TRAIN, "--snr-gamma", "rate"), (TRAIN, "--ti-warmup", "count0"),
     (TRAIN, "--stage-choice", "count0"), (TRAIN, "--hue-jitter-from", "stage"),
+    (TRAIN, "--hue-jitter-below", "stage_count"),
     (TRAIN, "--smoothness", "rate"), (TRAIN, "--seed", "seed"), (TRAIN, "--checkpoint-every", "count0"),
     (TRAIN, "--validation-every", "count0"), (TRAIN, "--parameterization", "choice"), (TRAIN, "--crop", "choice"),
     (TRAIN, "--mixed-precision", "choice"), (TRAIN, "--dtype", "choice"), (TRAIN, "--device", "device"),
@@ -500,6 +502,7 @@ API_CONFIG = {  # InversionConfig field: values that must be refused
     "checkpoint_every": [-1, 1.5, "5"], "validation_every": [-2, "1"], "parameterization": ["tree", 3],
     "snr_gamma": [-1.0, math.nan, "5"], "smoothness": [-0.5, math.inf, "1"], "ti_warmup": [-1, 2.5, "3"],
     "stage_choice": [-1, 2.5, "16", 5000], "hue_jitter_from": [-1, 10, 2.5, "6", True],
+    "hue_jitter_below": [0, 11, 2.5, "4", True],
     "crop": ["left", None], "mixed_precision": ["fp8", True], "placeholder": ["", 7], "initializer": [None],
     "templates": ["{}", (), ("a photo",), ("{} {}",), (3,)],
 }

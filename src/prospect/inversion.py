@@ -81,6 +81,9 @@ class InversionConfig:
         "help": "stages >= this (the first denoising steps) see each reference at a random hue, turned about the "
                 "grey axis, so their tokens learn layout and shape but not colour, which the text then decides; "
                 "the stage choice keeps them apart from the other stages' tokens (default: off)"})
+    hue_jitter_below: int | None = field(default=None, metadata={
+        "help": "stages < this (the last denoising steps) see each reference at a random hue, so their tokens learn "
+                "texture and material but not colour; combines with --hue-jitter-from (default: off)"})
     snr_gamma: float = field(default=0.0, metadata={
         "help": "min-SNR loss weighting with this gamma (Hang et al. 2023; 5 is usual; 0 = off, every timestep "
                 "weighs the same)"})
@@ -147,6 +150,10 @@ def check_config(cfg: InversionConfig) -> None:
             cfg.hue_jitter_from, Integral) or not 0 <= cfg.hue_jitter_from < cfg.num_stages):
         raise InversionError(f"hue_jitter_from must be a stage in [0, {cfg.num_stages - 1}] or None (off), "
                              f"got {cfg.hue_jitter_from!r}")
+    if cfg.hue_jitter_below is not None and (isinstance(cfg.hue_jitter_below, bool) or not isinstance(
+            cfg.hue_jitter_below, Integral) or not 1 <= cfg.hue_jitter_below <= cfg.num_stages):
+        raise InversionError(f"hue_jitter_below must be a stage count in [1, {cfg.num_stages}] or None (off), "
+                             f"got {cfg.hue_jitter_below!r}")
     if not 0.0 <= cfg.flip_p <= 1.0:  # also catches NaN
         raise InversionError(f"flip_p must be a probability in [0, 1], got {cfg.flip_p}")
     for name in ("snr_gamma", "smoothness"):
@@ -180,8 +187,9 @@ def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
     for name in ("snr_gamma", "ti_warmup", "smoothness"):  # off: the fingerprint of checkpoints made before the option
         if not settings[name]:
             del settings[name]
-    if settings["hue_jitter_from"] is None:
-        del settings["hue_jitter_from"]
+    for name in ("hue_jitter_from", "hue_jitter_below"):  # off: as before the options
+        if settings[name] is None:
+            del settings[name]
     h = hashlib.sha256(json.dumps(settings,
                                   sort_keys=True, default=list).encode())
     for im in images:
@@ -189,9 +197,16 @@ def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def jittered(cfg: InversionConfig) -> list[bool]:
+    """Per stage, whether it sees the references at random hues (``hue_jitter_from`` / ``hue_jitter_below``)."""
+    top = cfg.num_stages if cfg.hue_jitter_from is None else cfg.hue_jitter_from
+    below = 0 if cfg.hue_jitter_below is None else cfg.hue_jitter_below
+    return [k >= top or k < below for k in range(cfg.num_stages)]
+
+
 def hues(cfg: InversionConfig) -> int:
-    """How many hues each reference is seen at: ``HUES`` with ``hue_jitter_from``, else 1 (its own)."""
-    return 1 if cfg.hue_jitter_from is None else HUES
+    """How many hues each reference is seen at: ``HUES`` where any stage is hue-jittered, else 1 (its own)."""
+    return HUES if any(jittered(cfg)) else 1
 
 
 @torch.no_grad()
@@ -236,7 +251,7 @@ def _draw(step: int, cfg: InversionConfig, num_images: int, stage_map: StageMap,
     n = hues(cfg)
     hue = torch.zeros(b, dtype=torch.long)
     if n > 1:  # drawn last, so the draws above are those of a run without hue jitter
-        hue = torch.randint(0, n, (b,), generator=gen) * (stages >= cfg.hue_jitter_from).long()
+        hue = torch.randint(0, n, (b,), generator=gen) * torch.tensor(jittered(cfg))[stages].long()
     d["view"] = d.pop("flip") * n + hue
     return d
 
@@ -487,7 +502,7 @@ def invert(
                 _validate(validate, done, run)
         learned = run.learned()
         if cfg.stage_choice and cfg.num_stages > 1:  # each stage keeps the token that denoises best there
-            groups = None if cfg.hue_jitter_from is None else [int(k >= cfg.hue_jitter_from) for k in range(cfg.num_stages)]
+            groups = [int(j) for j in jittered(cfg)] if hues(cfg) > 1 else None
             choice = stage_choice.choose(stage_choice.stage_losses(run, cfg.stage_choice, sample_losses), groups)
             tables = stage_choice.apply(learned.tables, choice)
             learned = replace(learned, embeddings=tables[0], embeddings_2=tables[1] if len(tables) > 1 else None)
