@@ -62,6 +62,7 @@ class BenchConfig:
     sweep: tuple[int, ...] = tuple(range(2, 9))  # split points k of the texture, content and layout sweeps
     n_boot: int = 2000  # bootstrap resamples
     mix_split: int = 5  # mixing: A's tokens in stages >= mix_split (layout), B's below (material)
+    edit_split: int = 5  # img2img edit: ProSpect's reported row has '*' in stages < edit_split (the sweep shows all)
     chosen: tuple[tuple[str, int, int], ...] = ()  # (task, lo, hi): ProSpect splits chosen on a pilot run, reported
     # beside the a-priori ones; choose them on other references (another --seed), never on the reported ones
 
@@ -87,7 +88,7 @@ def _key(obj) -> str:
 
 def fill_templates(templates: tuple[str, ...], values: dict[str, str]) -> tuple[str, ...]:
     """The inversion's templates for a reference: each named field becomes its value (``values``), ``{}`` stays."""
-    return tuple(t.format("{}", **values) for t in templates)
+    return tuple(world.fill_template(t, values) for t in templates)
 
 
 def learn(pp: ProSpectPipeline, scene: world.Scene, num_stages: int, path: Path, cfg: BenchConfig) -> tuple[Concept, float]:
@@ -186,6 +187,30 @@ def run_mix(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path]) -> dict:
     return readings
 
 
+def run_edit(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path]) -> tuple[dict, float]:
+    """Readings of the img2img edit (the reference's texture onto its edit input), every condition, cached; and
+    the seconds of generation."""
+    cache = dirs["readings"] / f"edit{r:03d}.json"
+    todo = bm.edit_conditions(cfg)
+    readings = json.loads(cache.read_text()) if cache.exists() else {}
+    if all(c.key in readings for c in todo):
+        return readings, 0.0
+    start, scene, seeds = time.time(), bm.reference_scene(cfg.seed, r), image_seeds(cfg, r)
+    edit, text = bm.edit_input(cfg.seed, r)
+    for method, n in (("prospect", pp.num_stages), ("ti", 1)):
+        mine = [c for c in todo if c.method == method or (method == "ti" and c.method == "caption")]
+        concept, _ = learn(pp, scene, n, concept_path(dirs, r, method), cfg)
+        pp.load_concept(in_every_stage(concept, "*", pp.num_stages))
+        prompts = [c.prompt(scene, text) for c in mine for _ in seeds]
+        images = seeded_images(pp, prompts, seeds * len(mine), BATCH, num_inference_steps=cfg.num_inference_steps,
+                               guidance_scale=cfg.guidance_scale, image=world.render_pil(edit), strength=bm.EDIT_STRENGTH)
+        got = read_batch(images)
+        for i, c in enumerate(mine):
+            readings[c.key] = [g.as_dict() for g in got[i * len(seeds):(i + 1) * len(seeds)]]
+    cache.write_text(json.dumps(readings))
+    return readings, time.time() - start
+
+
 def _ci(lo_hi) -> str:
     return f"[{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]"
 
@@ -241,6 +266,24 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
                          f"{a['position']:.2f} | {a['shape']:.2f} | {a['texture']:.2f} |")
         d = m["difference"]
         lines.append(f"| ProSpect - TI | {d['mean']:+.2f} | [{d['lo']:+.2f}, {d['hi']:+.2f}] | | | |")
+    if "edit" in summary:
+        e = summary["edit"]
+        lines += ["", f"img2img edit: the reference's texture onto an edit input whose shape, colour, position and "
+                  f"texture all differ from it (strength {bm.EDIT_STRENGTH}); the prompt names the input's shape, colour "
+                  "and position; ProSpect '*' in stages < k, TI the composed prompt in every stage, caption the target "
+                  "named outright:", "",
+                  "| method | '*' stages | success | bootstrap 95 % (refs) | texture (r) | shape (t) | colour (t) | "
+                  "position (t) |", "|---|---|---|---|---|---|---|---|"]
+        for c in bm.edit_conditions(cfg):
+            row, a = e[c.key]["success"], e[c.key]["attributes"]
+            where = "" if c.split is None else f"[{c.split[0]}, {c.split[1]})" + (
+                " (reported)" if c.split == bm.edit_split(cfg) else "")
+            lines.append(f"| {LABEL[c.method]} | {where} | **{row['rate']:.2f}** ({row['successes']}/{row['n']}) | "
+                         f"{_ci(row['bootstrap'])} | {a['texture']:.2f} | {a['shape']:.2f} | {a['colour']:.2f} | "
+                         f"{a['position']:.2f} |")
+        d = e["difference"]
+        lines.append(f"| ProSpect - TI | [0, {cfg.edit_split}) | {d['mean']:+.2f} | [{d['lo']:+.2f}, {d['hi']:+.2f}] "
+                     "| | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -300,6 +343,9 @@ def run(cfg: BenchConfig) -> dict:
         start_mix = time.time()
         summary["mix"] = bm.score_mix([run_mix(pp, r, cfg, dirs) for r in range(cfg.references)], cfg)
         seconds["generation"] += time.time() - start_mix
+    edits = [run_edit(pp, r, cfg, dirs) for r in range(cfg.references)]
+    summary["edit"] = bm.score_edit([readings for readings, _ in edits], cfg)
+    seconds["generation"] += sum(spent for _, spent in edits)
     seconds["total"] = time.time() - start
     table = markdown(summary, cfg, cfg.references)
     (cfg.out / "results.md").write_text(table, encoding="utf-8")
@@ -345,6 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sweep", help="split points k of the sweeps, comma separated (default 2..8; 0..10 adds text-only and all-stage ends)")
     p.add_argument("--seed", type=int, help="seed of everything (default 0)")
     p.add_argument("--mix-split", type=int, help="mixing: A's tokens in stages >= K, B's below (default 5)")
+    p.add_argument("--edit-split", type=int, help="img2img edit: the reported ProSpect row has '*' in stages < K "
+                   "(default 5; the sweep's splits are all in the table)")
     p.add_argument("--chosen", action="append", metavar="TASK:LO-HI",
                    help="a ProSpect split chosen on a pilot run (another --seed), e.g. texture:0-8; repeatable")
     p.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
@@ -376,6 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--hue-jitter-from must be a stage in 0..9")
     if cfg.hue_jitter_below is not None and not 1 <= cfg.hue_jitter_below <= 10:
         p.error("--hue-jitter-below must be a stage count in 1..10")
+    if not 1 <= cfg.edit_split <= 10:
+        p.error("--edit-split must lie in 1..10")
     if any(not 0 <= k <= 10 for k in cfg.sweep):
         p.error("--sweep values must lie in 0..10")
     return run(cfg)

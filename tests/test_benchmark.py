@@ -190,6 +190,8 @@ def test_transfer_script_smoke_run_writes_results_and_resumes(tmp_path):
     assert set(saved["main"]["texture"]) == {"prospect", "ti", "caption"}
     assert saved["differences"]["layout"]["references"] == 1
     assert "| texture | ProSpect |" in (tmp_path / "t" / "results.md").read_text()
+    assert saved["edit"]["difference"]["references"] == 1
+    assert "img2img edit" in (tmp_path / "t" / "results.md").read_text()
     assert result["seconds"]["inversion"] > 0
     again = main(argv)  # everything comes from the cache
     assert again["seconds"]["inversion"] == 0 and again["seconds"]["generation"] == 0
@@ -232,3 +234,24 @@ def test_captioned_templates_take_the_references_own_words_and_bad_ones_exit_2(c
             script["main"](["--template", bad])
         assert err.value.code == 2
         assert says in capsys.readouterr().err
+
+
+def test_the_edit_input_is_unlike_the_reference_and_the_edit_scores_its_texture_on_the_input():
+    cfg = _script()["BenchConfig"](references=8, seed=1, sweep=(2, 4), edit_split=4)
+    for r in range(8):
+        ref, (edit, text) = bm.reference_scene(1, r), bm.edit_input(1, r)
+        assert all(getattr(edit, a) != getattr(ref, a) for a in ("shape", "colour", "position", "texture"))
+        assert text == {a: getattr(edit, a) for a in ("shape", "colour", "position")}
+        assert bm.edit_input(1, r) == (edit, text)  # from (seed, r) alone
+    keys = [c.key for c in bm.edit_conditions(cfg)]
+    assert keys == ["prospect/edit/0-2", "prospect/edit/0-4", "prospect/edit/0-5", "ti/edit", "caption/edit"]
+    stages = resolve_editing(bm.Condition("prospect", bm.EDIT, (0, 4)).prompt(bm.reference_scene(1, 0), text), 10)
+    assert stages[:4] == [bm.composed_prompt(bm.EDIT, text)] * 4 and "*" not in stages[4]
+    # scored on clean renders: the input with the reference's texture succeeds; the input itself or the reference fails
+    ref, (edit, _) = bm.reference_scene(1, 0), bm.edit_input(1, 0)
+    good, plain, copy = (read(world.render_pil(s)).as_dict() for s in (edit.with_(texture=ref.texture), edit, ref))
+    readings = [{k: ([good, good] if k.startswith("prospect/edit/0-4") else [plain, copy]) for k in keys}]
+    cfg = _script()["BenchConfig"](references=1, seed=1, sweep=(2, 4), edit_split=4)
+    out = bm.score_edit(readings, cfg)
+    assert out["prospect/edit/0-4"]["success"]["rate"] == 1.0 and out["ti/edit"]["success"]["rate"] == 0.0
+    assert out["ti/edit"]["attributes"]["texture"] == 0.5 and out["difference"]["mean"] == 1.0  # the copy has it

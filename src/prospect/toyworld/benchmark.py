@@ -13,7 +13,10 @@ in reconstruction, since no transfer prompt names it):
 * layout: the reference's position and shape, colour/texture from the text;
 * colour: the reference's colour, shape/texture/position from the text;
 * content: the reference's colour and texture on a text shape and position (the official README's
-  "content-aware" use: the text decides what is drawn and where, the reference how it looks).
+  "content-aware" use: the text decides what is drawn and where, the reference how it looks);
+* edit (img2img): the reference's texture onto an *edit input*, a rendered scene whose shape,
+  colour, position and texture all differ from the reference's, at strength ``EDIT_STRENGTH``; the
+  prompt names the input's shape, colour and position, and the image must keep them.
 
 Text attributes are drawn uniformly among the values that differ from the reference's, so an
 attribute that follows the text cannot match by copying the reference and vice versa.
@@ -81,9 +84,13 @@ TASK = {t.name: t for t in TASKS}
 COLOUR_WIDTH = 4  # stages in a colour window of the sweep
 
 
+EDIT = TransferTask("edit", ("texture",), ("shape", "colour", "position"), (0, 5))  # img2img; not in TASKS
+EDIT_STRENGTH = 0.6  # the edit's img2img strength (the demo's): the last 60 % of the steps run
+
+
 def sweep_splits(task: TransferTask, ks: Sequence[int], n: int = 10) -> list[Split]:
-    """The splits of the stage sweep: texture and content '*' in stages < k, layout in stages >= k, colour windows."""
-    if task.name in ("texture", "content"):
+    """The splits of the stage sweep: texture, content and edit '*' in stages < k, layout in stages >= k, colour windows."""
+    if task.name in ("texture", "content", "edit"):
         splits = [(0, k) for k in ks]
     elif task.name == "layout":
         splits = [(k, n) for k in ks]
@@ -369,3 +376,45 @@ def summarise(scores: dict, cfg, todo: list[Condition]) -> dict:
     return dict(main=main, differences=diffs, sweep=sweep, ceiling=ceiling)
 
 
+
+
+def edit_input(seed: int, r: int) -> tuple[world.Scene, dict[str, str]]:
+    """Reference r's edit input and the words its prompt names: shape, colour, position and texture all unlike the
+    reference's (so neither the input nor the text can supply the reference's texture)."""
+    ref = reference_scene(seed, r)
+    rng = np.random.default_rng([seed, r, len(TASKS)])
+    text = text_attributes(ref, EDIT, rng)
+    textures = [v for v in world.CHOICES["texture"] if v != ref.texture]
+    scene = world.random_scene(rng).with_(**text, texture=textures[rng.integers(len(textures))])
+    return scene, text
+
+
+def edit_conditions(cfg) -> list[Condition]:
+    splits = sorted(set(sweep_splits(EDIT, cfg.sweep)) | {edit_split(cfg)})
+    return ([Condition("prospect", EDIT, s) for s in splits]
+            + [Condition("ti", EDIT), Condition("caption", EDIT)])
+
+
+def edit_split(cfg) -> Split:
+    """The edit's reported ProSpect split: '*' in stages < ``cfg.edit_split`` (a priori texture's [0, 5))."""
+    return (0, cfg.edit_split)
+
+
+def score_edit(readings: list[dict], cfg) -> dict:
+    """Per edit condition: success and attribute rates; ProSpect (at ``edit_split``) - TI paired over references."""
+    out, arrays = {}, {}
+    for c in edit_conditions(cfg):
+        rows, attrs = [], {a: [] for a in EDIT.from_reference + EDIT.from_text}
+        for r, got in enumerate(readings):
+            wanted = target(reference_scene(cfg.seed, r), EDIT, edit_input(cfg.seed, r)[1])
+            h = [hits(Reading(**d), wanted) for d in got[c.key]]
+            rows.append([all(x.values()) for x in h])
+            for a in attrs:
+                attrs[a].append([x[a] for x in h])
+        arrays[c.key] = np.asarray(rows, dtype=bool)
+        out[c.key] = dict(success=asdict(rate(arrays[c.key], cfg.n_boot, cfg.seed)),
+                          attributes={a: float(np.mean(v)) for a, v in attrs.items()})
+    chosen = Condition("prospect", EDIT, edit_split(cfg)).key
+    out["difference"] = asdict(paired_difference(arrays[chosen], arrays[Condition("ti", EDIT).key],
+                                                 cfg.n_boot, cfg.seed))
+    return out

@@ -51,7 +51,7 @@ class Task:
 
     def caption(self, reference: dict[str, str]) -> str:
         """This row's captioned template with the reference's words filled in ('{}' stays for the token)."""
-        return self.template.format("{}", **reference)
+        return world.fill_template(self.template, reference)
 
 
 SHOWN = 3  # a row shows its claim when at least this many of 4 images do (read back)

@@ -133,6 +133,12 @@ def render_pil(scene: Scene, size: int = RESOLUTION) -> Image.Image:
     return Image.fromarray(render(scene, size))
 
 
+def fill_template(template: str, attributes: dict[str, str]) -> str:
+    """An inversion caption template with a scene's words in its named fields ({texture}, {colour}...);
+    the bare ``{}`` stays, for the concept's token."""
+    return template.format("{}", **attributes)
+
+
 def caption(scene: Scene, omit: frozenset[str] = frozenset()) -> str:
     """The caption of a scene, e.g. "a striped red triangle on the left, dark background".
 
