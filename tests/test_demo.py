@@ -69,6 +69,15 @@ def test_demo_writes_figure_report_and_concept(demo_run):
     assert not torch.equal(own.embeddings, Concept.load(report.concept).embeddings)
     words = layout.template.format("{}", **REFERENCE.attributes())
     assert words == "a checkered red {}" and f"'{words}' (the reference's own words)" in page
+    # the img2img row has its own inversion too, colour-free in the late stages; the other rows share the first
+    edit = TASK_BY_NAME["img2img edit"]
+    assert [t.name for t in TASKS if t.hue_jitter_below is not None] == ["img2img edit"]
+    own_edit = Concept.load(out / "concept-img2img-edit.safetensors")
+    assert not torch.equal(own_edit.embeddings, Concept.load(report.concept).embeddings)
+    assert not torch.equal(own_edit.embeddings, own.embeddings)
+    assert f"--hue-jitter-below {edit.hue_jitter_below}" in page
+    assert sorted(p.name for p in out.glob("concept*.safetensors")) == [
+        "concept-img2img-edit.safetensors", "concept-layout-aware.safetensors", "concept.safetensors"]
     for task in TASKS:  # each row states the CFG scale it ran at (chosen with its stages on the pilot)
         assert f"{html.escape(task.description)} (CFG {task.guidance_scale:g})" in page
 

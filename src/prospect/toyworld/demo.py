@@ -44,6 +44,12 @@ class Task:
     guidance_scale: float = 5.0  # the row's CFG scale, chosen with its stages on the benchmark's pilot
     template: str | None = None  # a second caption template for this row's own inversion, with {texture},
     # {colour}... = the reference's words (a captioned inversion); None = the demo's one inversion
+    hue_jitter_below: int | None = None  # this row's own inversion sees the reference at random hues in stages < K
+
+    @property
+    def own_inversion(self) -> tuple[str | None, int | None]:
+        """What sets this row's inversion apart from the demo's one; (None, None) = it uses that one."""
+        return self.template, self.hue_jitter_below
 
     def claim(self, reference: dict[str, str]) -> dict[str, str]:
         """The attribute values an image must show for this row to show what its caption claims."""
@@ -72,6 +78,9 @@ LAYOUT_TEMPLATE = "a {texture} {colour} {}"  # the layout row inverts again afte
 COLOUR_STAGES, COLOUR_CFG = (3, 7), 5.0  # pilot: the a-priori window best (0.60 at CFG 5, 0.40 at 3)
 CONTENT_STAGES, CONTENT_CFG = (0, 6), 5.0  # pilot: [0, 6) 0.65 at CFG 5, the a-priori [0, 8) 0.23
 RECONSTRUCTION_CFG = 3.0  # pilot: 0.96 at CFG 3, 0.85 at 5
+# img2img: the benchmark's edit task (session 18 pilot): with its own inversion colour-free in stages < 6, '*' in
+# [0, 5) 0.35 at CFG 3 and 5 (tie: CFG 3), against the plain inversion's best 0.27 ([0, 4), CFG 5)
+EDIT_STAGES, EDIT_CFG, EDIT_HUE_JITTER_BELOW = (0, 5), 3.0, 6
 
 TASKS = [
     Task("reconstruction", "'*' in every stage: the reference itself", None,
@@ -95,10 +104,11 @@ TASKS = [
          {"shape": "square", "texture": "striped", "position": "top"}, from_reference=("colour",),
          guidance_scale=COLOUR_CFG),
     Task("img2img edit", f"the edit input (a plain blue circle on the right), strength 0.6, '*' in stages "
-         f"{TEXTURE_STAGES[0]}..{TEXTURE_STAGES[1] - 1}: the reference's texture onto it",
-         _window(*TEXTURE_STAGES, "a * blue circle on the right", "a blue circle on the right"),
+         f"{EDIT_STAGES[0]}..{EDIT_STAGES[1] - 1}: the reference's texture onto it (its own inversion, at random "
+         f"hues in stages 0..{EDIT_HUE_JITTER_BELOW - 1}, so those tokens carry no colour)",
+         _window(*EDIT_STAGES, "a * blue circle on the right", "a blue circle on the right"),
          {"shape": "circle", "colour": "blue", "position": "right"}, img2img=True, from_reference=("texture",),
-         guidance_scale=TEXTURE_CFG),
+         guidance_scale=EDIT_CFG, hue_jitter_below=EDIT_HUE_JITTER_BELOW),
 ]
 
 TASK_BY_NAME = {t.name: t for t in TASKS}
@@ -159,13 +169,14 @@ def run_demo(cfg: DemoConfig, model: str | Path | None = None,
     ref_attrs = read(reference).as_dict()  # the reference's words, for a row's captioned inversion
     concept = invert(pp.pipe, [reference], inv, accelerator=accelerator)
     concept_path = concept.save(out / "concept.safetensors")
-    concepts, results = {None: concept}, {}
+    concepts, results = {(None, None): concept}, {}
     for task in TASKS:
-        if task.template not in concepts:
-            captioned = replace(inv, templates=("{}", task.caption(ref_attrs)))
-            concepts[task.template] = invert(pp.pipe, [reference], captioned, accelerator=accelerator)
-            concepts[task.template].save(out / f"concept-{task.name.replace(' ', '-')}.safetensors")
-        pp.load_concept(concepts[task.template])
+        if task.own_inversion not in concepts:
+            own = replace(inv, templates=("{}", task.caption(ref_attrs)) if task.template else inv.templates,
+                          hue_jitter_below=task.hue_jitter_below)
+            concepts[task.own_inversion] = invert(pp.pipe, [reference], own, accelerator=accelerator)
+            concepts[task.own_inversion].save(out / f"concept-{task.name.replace(' ', '-')}.safetensors")
+        pp.load_concept(concepts[task.own_inversion])
         results[task.name] = _run_task(pp, task, cfg)
     pp.load_concept(concept)
     vis = visualize(pp, seed=cfg.seed, num_inference_steps=cfg.num_inference_steps,
@@ -236,6 +247,9 @@ def _html(reference: dict[str, str], readings: dict, cfg: DemoConfig, seconds: f
         if task.template:
             verdict += (f"<p>Inverted again for this row with the templates '{{}}' and "
                         f"'{esc(task.caption(reference))}' (the reference's own words).</p>")
+        if task.hue_jitter_below is not None:
+            verdict += (f"<p>Inverted again for this row with the reference at random hues in stages "
+                        f"0..{task.hue_jitter_below - 1} (--hue-jitter-below {task.hue_jitter_below}).</p>")
         words = task.prospect_words or ["*"] * 10
         stage_list = "<br>".join(f"{i}: {esc(w)}" for i, w in enumerate(words))
         cells = []
