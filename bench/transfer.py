@@ -197,13 +197,14 @@ def run_edit(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path]) -> tuple[dict,
         return readings, 0.0
     start, scene, seeds = time.time(), bm.reference_scene(cfg.seed, r), image_seeds(cfg, r)
     edit, text = bm.edit_input(cfg.seed, r)
+    edit_image = world.render_pil(edit)
     for method, n in (("prospect", pp.num_stages), ("ti", 1)):
         mine = [c for c in todo if c.method == method or (method == "ti" and c.method == "caption")]
         concept, _ = learn(pp, scene, n, concept_path(dirs, r, method), cfg)
         pp.load_concept(in_every_stage(concept, "*", pp.num_stages))
         prompts = [c.prompt(scene, text) for c in mine for _ in seeds]
         images = seeded_images(pp, prompts, seeds * len(mine), BATCH, num_inference_steps=cfg.num_inference_steps,
-                               guidance_scale=cfg.guidance_scale, image=world.render_pil(edit), strength=bm.EDIT_STRENGTH)
+                               guidance_scale=cfg.guidance_scale, image=edit_image, strength=bm.EDIT_STRENGTH)
         got = read_batch(images)
         for i, c in enumerate(mine):
             readings[c.key] = [g.as_dict() for g in got[i * len(seeds):(i + 1) * len(seeds)]]

@@ -334,14 +334,20 @@ def score_mix(mix: list[dict], cfg) -> dict:
     return out
 
 
+def wanted_of(cfg, r: int, task: TransferTask) -> dict[str, str]:
+    """What a successful image of reference r shows in ``task`` (the edit's text is its input's)."""
+    scene = reference_scene(cfg.seed, r)
+    text = edit_input(cfg.seed, r)[1] if task == EDIT else texts_of(scene, cfg.seed, r)[task.name]
+    return target(scene, task, text)
+
+
 def score(all_readings: list[dict], cfg, todo: list[Condition]) -> dict[str, dict[str, np.ndarray]]:
     """Per condition: [references, images] arrays of success and of each scored attribute."""
     out = {}
     for c in todo:
         arrays = {"success": [], **{a: [] for a in c.task.from_reference + c.task.from_text}}
         for r, readings in enumerate(all_readings):
-            scene = reference_scene(cfg.seed, r)
-            wanted = target(scene, c.task, texts_of(scene, cfg.seed, r)[c.task.name])
+            wanted = wanted_of(cfg, r, c.task)
             rows = [hits(Reading(**d), wanted) for d in readings[c.key]]
             arrays["success"].append([all(h.values()) for h in rows])
             for a in wanted:
@@ -376,8 +382,6 @@ def summarise(scores: dict, cfg, todo: list[Condition]) -> dict:
     return dict(main=main, differences=diffs, sweep=sweep, ceiling=ceiling)
 
 
-
-
 def edit_input(seed: int, r: int) -> tuple[world.Scene, dict[str, str]]:
     """Reference r's edit input and the words its prompt names: shape, colour, position and texture all unlike the
     reference's (so neither the input nor the text can supply the reference's texture)."""
@@ -402,19 +406,10 @@ def edit_split(cfg) -> Split:
 
 def score_edit(readings: list[dict], cfg) -> dict:
     """Per edit condition: success and attribute rates; ProSpect (at ``edit_split``) - TI paired over references."""
-    out, arrays = {}, {}
-    for c in edit_conditions(cfg):
-        rows, attrs = [], {a: [] for a in EDIT.from_reference + EDIT.from_text}
-        for r, got in enumerate(readings):
-            wanted = target(reference_scene(cfg.seed, r), EDIT, edit_input(cfg.seed, r)[1])
-            h = [hits(Reading(**d), wanted) for d in got[c.key]]
-            rows.append([all(x.values()) for x in h])
-            for a in attrs:
-                attrs[a].append([x[a] for x in h])
-        arrays[c.key] = np.asarray(rows, dtype=bool)
-        out[c.key] = dict(success=asdict(rate(arrays[c.key], cfg.n_boot, cfg.seed)),
-                          attributes={a: float(np.mean(v)) for a, v in attrs.items()})
+    scores = score(readings, cfg, edit_conditions(cfg))
+    out = {k: dict(success=asdict(rate(s["success"], cfg.n_boot, cfg.seed)),
+                   attributes={a: float(v.mean()) for a, v in s.items() if a != "success"}) for k, s in scores.items()}
     chosen = Condition("prospect", EDIT, edit_split(cfg)).key
-    out["difference"] = asdict(paired_difference(arrays[chosen], arrays[Condition("ti", EDIT).key],
+    out["difference"] = asdict(paired_difference(scores[chosen]["success"], scores[Condition("ti", EDIT).key]["success"],
                                                  cfg.n_boot, cfg.seed))
     return out
