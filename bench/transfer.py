@@ -53,6 +53,7 @@ class BenchConfig:
     stage_choice: int = 16  # ProSpect: each stage keeps the best-denoising stage token (0 = its own; TI has one)
     hue_jitter_from: int | None = None  # ProSpect: stages >= this learn from the reference at random hues (TI: n/a)
     hue_jitter_below: int | None = None  # ProSpect: stages < this learn from the reference at random hues (TI: n/a)
+    ti_hue_jitter: bool = False  # TI: its one token learns from the reference at random hues (every timestep)
     templates: tuple[str, ...] = ("{}",)  # inversion caption templates, both methods; {texture}, {colour}, {shape},
     # {position}, {background} name the reference's own values (a captioned inversion: the user describes the image)
     seed: int = 0  # reference scenes, text attributes, inversions and image seeds derive from it
@@ -63,6 +64,8 @@ class BenchConfig:
     n_boot: int = 2000  # bootstrap resamples
     mix_split: int = 5  # mixing: A's tokens in stages >= mix_split (layout), B's below (material)
     edit_split: int = 5  # img2img edit: ProSpect's reported row has '*' in stages < edit_split (the sweep shows all)
+    tasks: tuple[str, ...] = ()  # the tasks run (TASKS' names, "mixing", "edit"); empty = all
+    bare: tuple[int, ...] = ()  # layout: also '*' alone in stages >= J, the composed prompt in [k, J) (each J, k <= J)
     chosen: tuple[tuple[str, int, int], ...] = ()  # (task, lo, hi): ProSpect splits chosen on a pilot run, reported
     # beside the a-priori ones; choose them on other references (another --seed), never on the reported ones
 
@@ -100,7 +103,8 @@ def learn(pp: ProSpectPipeline, scene: world.Scene, num_stages: int, path: Path,
     inv = InversionConfig(initializer=cfg.initializer, num_stages=num_stages, steps=cfg.steps, lr=cfg.lr,
                           batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=50, flip_p=cfg.flip_p,
                           vectors_per_stage=cfg.vectors, parameterization=cfg.parameterization,
-                          stage_choice=cfg.stage_choice, hue_jitter_from=cfg.hue_jitter_from if staged else None,
+                          stage_choice=cfg.stage_choice,
+                          hue_jitter_from=cfg.hue_jitter_from if staged else (0 if cfg.ti_hue_jitter else None),
                           hue_jitter_below=cfg.hue_jitter_below if staged else None,
                           templates=fill_templates(cfg.templates, scene.attributes()))
     ckpt = path.with_suffix(".ckpt")
@@ -151,7 +155,7 @@ def run_reference(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path], todo: lis
         got = read_batch(images)
         for i, c in enumerate(mine):
             readings[c.key] = [g.as_dict() for g in got[i * len(seeds):(i + 1) * len(seeds)]]
-            if c.split in (None, c.task.default_split):
+            if c.split in (None, c.task.default_split) and c.bare is None:
                 examples.append((c, images[i * len(seeds):(i + 1) * len(seeds)]))
     cache.write_text(json.dumps(readings))
     if r < EXAMPLE_REFERENCES and examples:
@@ -219,7 +223,9 @@ def _ci(lo_hi) -> str:
 def _jitter_words(cfg: BenchConfig) -> str:
     where = ([f"stages >= {cfg.hue_jitter_from}"] if cfg.hue_jitter_from is not None else []) + (
         [f"stages < {cfg.hue_jitter_below}"] if cfg.hue_jitter_below is not None else [])
-    return f"in {' and '.join(where)} (ProSpect)" if where else "off"
+    words = [f"in {' and '.join(where)} (ProSpect)"] if where else []
+    words += ["at every timestep (TI)"] if cfg.ti_hue_jitter else []
+    return ", ".join(words) or "off"
 
 
 def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
@@ -244,8 +250,10 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
               "| task | ProSpect - TI (success) | paired bootstrap 95 % (refs) |", "|---|---|---|"]
     for task, d in summary["differences"].items():
         lines.append(f"| {task} | {d['mean']:+.2f} | [{d['lo']:+.2f}, {d['hi']:+.2f}] |")
-    lines += ["", "Model ceiling: attribute accuracy from the plain full caption of each reference: " +
-              ", ".join(f"{a} {v:.2f}" for a, v in summary["ceiling"].items()), "",
+    if summary["ceiling"]:
+        lines += ["", "Model ceiling: attribute accuracy from the plain full caption of each reference: " +
+                  ", ".join(f"{a} {v:.2f}" for a, v in summary["ceiling"].items())]
+    lines += ["",
               "Split sweep (ProSpect; texture and content: '*' in stages < k, layout: in stages >= k, colour: in [lo, hi); "
               "stage 0 = generation ends; * = default split, fixed a priori):", "",
               "| task | '*' stages | success | reference attrs | text attrs |", "|---|---|---|---|---|"]
@@ -255,6 +263,19 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
             text = "" if row["from_text"] is None else f"{row['from_text']:.2f}"
             lines.append(f"| {task} | [{lo}, {hi}){' *' if row['default'] else ''} | {row['success']:.2f} | "
                          f"{row['from_reference']:.2f} | {text} |")
+    if "bare" in summary:
+        lines += ["", "Layout with '*' alone in stages >= J (as the inversion saw it), the composed prompt in [k, J), the "
+                  "plain text below k; 'TI, same texts' = TI's one token under the same stage texts; differences are "
+                  "paired bootstraps over references:", "",
+                  "| '*' alone | composed | ProSpect | position (r) | shape (r) | colour (t) | texture (t) | "
+                  "TI, same texts | ProSpect - TI | ProSpect - TI, same texts |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in summary["bare"]:
+            (k, _), j, s, a = row["split"], row["bare"], row["prospect"]["success"], row["prospect"]["attributes"]
+            t, d, e = row["ti_staged"]["success"], row["minus_ti"], row["minus_ti_staged"]
+            lines.append(f"| [{j}, 10) | {f'[{k}, {j})' if k < j else 'none'} | **{s['rate']:.2f}** ({s['successes']}/{s['n']}) {_ci(s['bootstrap'])} | "
+                         f"{a['position']:.2f} | {a['shape']:.2f} | {a['colour']:.2f} | {a['texture']:.2f} | "
+                         f"{t['rate']:.2f} | {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] | "
+                         f"{e['mean']:+.2f} [{e['lo']:+.2f}, {e['hi']:+.2f}] |")
     if "mix" in summary:
         m = summary["mix"]
         lines += ["", f"Mixing two concepts: layout (position, shape) of reference A + texture of reference B (B: the next "
@@ -288,11 +309,19 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+SWEPT = ("texture", "layout", "colour", "content")  # the panels of sweep.png
+OPTIONAL = ("mixing", "edit")  # --tasks names beside bm.TASK's
+
+
+def _runs(cfg: BenchConfig, name: str) -> bool:
+    return not cfg.tasks or name in cfg.tasks
+
+
 def plot_sweep(summary: dict, path: Path) -> None:
     """One panel per transfer task: success, reference and text attribute rates against the split, with TI's and
     the caption ceiling's success as dashed levels."""
     panels = []
-    for task in ("texture", "layout", "colour", "content"):
+    for task in SWEPT:
         rows = summary["sweep"][task]
         xs = [(r["split"][0] if task in ("layout", "colour") else r["split"][1]) for r in rows]
         level = lambda name: [summary["main"][task][name]["success"]["rate"]] * 2  # noqa: E731
@@ -322,11 +351,13 @@ def run(cfg: BenchConfig) -> dict:
                   **({"parameterization": cfg.parameterization} if cfg.parameterization != "free" else {}),
                   **({"stage_choice": cfg.stage_choice} if cfg.stage_choice else {}),
                   **({"templates": list(cfg.templates)} if tuple(cfg.templates) != ("{}",) else {}))
-    ti_key = _key(shared)  # hue jitter is ProSpect's alone: TI's concepts are those of the run without it
+    base = _key(shared)  # ProSpect's hue jitter is its own: TI's concepts are those of the run without it
+    ti_key = _key(dict(shared, ti_hue_jitter=True)) if cfg.ti_hue_jitter else base
     jitter = {k: v for k, v in (("hue_jitter_from", cfg.hue_jitter_from), ("hue_jitter_below", cfg.hue_jitter_below))
               if v is not None}
-    inv_key = _key(dict(shared, **jitter)) if jitter else ti_key
-    gen_key = _key(dict(inv=inv_key, seeds=cfg.seeds, steps=cfg.num_inference_steps, cfg=cfg.guidance_scale))
+    inv_key = _key(dict(shared, **jitter)) if jitter else base
+    gen_key = _key(dict(inv=inv_key, seeds=cfg.seeds, steps=cfg.num_inference_steps, cfg=cfg.guidance_scale,
+                        **({"ti": ti_key} if cfg.ti_hue_jitter else {})))
     dirs = {"out": cfg.out, "concepts": cfg.out / "concepts" / inv_key, "concepts_ti": cfg.out / "concepts" / ti_key,
             "readings": cfg.out / "readings" / gen_key}
     for p in dirs.values():
@@ -340,17 +371,19 @@ def run(cfg: BenchConfig) -> dict:
         print(f"reference {r + 1}/{cfg.references}: {bm.reference_scene(cfg.seed, r)} "
               f"({spent['inversion']:.0f} s inversion, {spent['generation']:.0f} s generation)", flush=True)
     summary = bm.summarise(bm.score(all_readings, cfg, todo), cfg, todo)
-    if cfg.references > 1:
+    if cfg.references > 1 and _runs(cfg, "mixing"):
         start_mix = time.time()
         summary["mix"] = bm.score_mix([run_mix(pp, r, cfg, dirs) for r in range(cfg.references)], cfg)
         seconds["generation"] += time.time() - start_mix
-    edits = [run_edit(pp, r, cfg, dirs) for r in range(cfg.references)]
-    summary["edit"] = bm.score_edit([readings for readings, _ in edits], cfg)
-    seconds["generation"] += sum(spent for _, spent in edits)
+    if _runs(cfg, "edit"):
+        edits = [run_edit(pp, r, cfg, dirs) for r in range(cfg.references)]
+        summary["edit"] = bm.score_edit([readings for readings, _ in edits], cfg)
+        seconds["generation"] += sum(spent for _, spent in edits)
     seconds["total"] = time.time() - start
     table = markdown(summary, cfg, cfg.references)
     (cfg.out / "results.md").write_text(table, encoding="utf-8")
-    plot_sweep(summary, cfg.out / "sweep.png")
+    if all(t in summary["sweep"] for t in SWEPT):
+        plot_sweep(summary, cfg.out / "sweep.png")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     result = dict(settings=settings, cache_keys=dict(inversion=inv_key, ti=ti_key, generation=gen_key), seconds=seconds,
                   references=[asdict(bm.reference_scene(cfg.seed, r)) for r in range(cfg.references)],
@@ -382,6 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "hues, so they carry no colour (default: off)")
     p.add_argument("--hue-jitter-below", type=int, help="ProSpect: stages < K learn from the reference at random "
                    "hues, so the late (texture) tokens carry no colour (default: off)")
+    p.add_argument("--ti-hue-jitter", action="store_true", default=None,
+                   help="TI: its one token learns from the reference at random hues, at every timestep (default: off)")
     p.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
                    help="inversion caption template with {}, both methods, repeatable (default '{}'); {texture}, "
                    "{colour}, {shape}, {position}, {background} are the reference's own values (a captioned inversion)")
@@ -394,6 +429,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mix-split", type=int, help="mixing: A's tokens in stages >= K, B's below (default 5)")
     p.add_argument("--edit-split", type=int, help="img2img edit: the reported ProSpect row has '*' in stages < K "
                    "(default 5; the sweep's splits are all in the table)")
+    p.add_argument("--tasks", help="the tasks to run, comma separated: " + ", ".join((*bm.TASK, *OPTIONAL)) +
+                   " (default: all)")
+    p.add_argument("--bare", help="layout: also '*' alone in stages >= J and the composed prompt in [k, J), for each J "
+                   "(comma separated) and each --sweep k <= J; TI gets the same stage texts too (default: none)")
     p.add_argument("--chosen", action="append", metavar="TASK:LO-HI",
                    help="a ProSpect split chosen on a pilot run (another --seed), e.g. texture:0-8; repeatable")
     p.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
@@ -407,8 +446,17 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--template: {err}")
         except (IndexError, KeyError, ValueError) as err:
             p.error(f"--template: fields are {{}} and {', '.join('{' + a + '}' for a in world.ATTRIBUTES)} ({err!r})")
-    if "sweep" in given:
-        given["sweep"] = tuple(int(k) for k in given["sweep"].split(","))
+    for name in ("sweep", "bare"):
+        if name in given:
+            try:
+                given[name] = tuple(int(k) for k in given[name].split(","))
+            except ValueError:
+                p.error(f"--{name} takes integers, comma separated, e.g. 6,7,8")
+    if "tasks" in given:
+        given["tasks"] = tuple(t.strip() for t in given["tasks"].split(","))
+        unknown = [t for t in given["tasks"] if t not in (*bm.TASK, *OPTIONAL)]
+        if unknown:
+            p.error(f"--tasks: unknown {', '.join(unknown)}; one of {', '.join((*bm.TASK, *OPTIONAL))}")
     if "chosen" in given:
         try:
             given["chosen"] = tuple((t, int(r.split("-")[0]), int(r.split("-")[1]))
@@ -429,6 +477,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--edit-split must lie in 1..10")
     if any(not 0 <= k <= 10 for k in cfg.sweep):
         p.error("--sweep values must lie in 0..10")
+    if any(not 1 <= j <= 9 for j in cfg.bare):
+        p.error("--bare values must be stages in 1..9")
+    if cfg.bare and not _runs(cfg, "layout"):
+        p.error("--bare adds layout conditions: --tasks must include layout")
     return run(cfg)
 
 

@@ -255,3 +255,57 @@ def test_the_edit_input_is_unlike_the_reference_and_the_edit_scores_its_texture_
     out = bm.score_edit(readings, cfg)
     assert out["prospect/edit/0-4"]["success"]["rate"] == 1.0 and out["ti/edit"]["success"]["rate"] == 0.0
     assert out["ti/edit"]["attributes"]["texture"] == 0.5 and out["difference"]["mean"] == 1.0  # the copy has it
+
+
+def test_bare_layout_puts_the_token_alone_first_then_the_composed_prompt_and_ti_gets_the_same_texts():
+    cfg = _script()["BenchConfig"](references=1, seed=1, sweep=(5, 8), bare=(7,), tasks=("layout",))
+    layout, text = bm.TASK["layout"], {"colour": "green", "texture": "dotted"}
+    stages = bm.stage_texts(layout, text, (5, 10), bare=7)
+    assert stages == ["a dotted green shape"] * 5 + ["a dotted green *"] * 2 + ["*"] * 3
+    assert bm.stage_texts(layout, text, (7, 10), bare=7) == ["a dotted green shape"] * 7 + ["*"] * 3
+    with pytest.raises(ValueError, match="bare 4"):
+        bm.stage_texts(layout, text, (5, 10), bare=4)
+    keys = [c.key for c in bm.conditions(cfg)]
+    assert keys == ["prospect/layout/5-10", "prospect/layout/8-10", "ti/layout", "caption/layout",
+                    "prospect/layout/5-10/bare7", "ti/layout/5-10/bare7"]  # k = 8 > J = 7 has no bare row
+    scene = bm.reference_scene(1, 0)
+    staged, ti = bm.Condition("ti", layout, (5, 10), 7), bm.Condition("ti", layout)
+    assert staged.prompt(scene, text) == bm.Condition("prospect", layout, (5, 10), 7).prompt(scene, text)
+    assert ti.prompt(scene, text) == "a dotted green *"
+    # scored on clean renders: ProSpect's bare row right in both images, staged TI in one, TI in none
+    wanted = bm.wanted_of(cfg, 0, layout)
+    good = read(world.render_pil(scene.with_(colour=wanted["colour"], texture=wanted["texture"]))).as_dict()
+    copy = read(world.render_pil(scene)).as_dict()
+    readings = [{"prospect/layout/5-10": [copy, copy], "prospect/layout/8-10": [copy, copy], "ti/layout": [copy, copy],
+                 "caption/layout": [good, good], "prospect/layout/5-10/bare7": [good, good],
+                 "ti/layout/5-10/bare7": [good, copy]}]
+    todo = bm.conditions(cfg)
+    summary = bm.summarise(bm.score(readings, cfg, todo), cfg, todo)
+    assert set(summary["main"]) == {"layout"} and summary["ceiling"] == {}
+    assert [r["split"] for r in summary["sweep"]["layout"]] == [[5, 10], [8, 10]]  # the bare rows are not in the sweep
+    (row,) = summary["bare"]
+    assert row["prospect"]["success"]["rate"] == 1.0 and row["ti_staged"]["success"]["rate"] == 0.5
+    assert row["minus_ti"]["mean"] == 1.0 and row["minus_ti_staged"]["mean"] == 0.5
+
+
+@pytest.mark.parametrize("argv, says", [(["--tasks", "layout,shine"], "unknown shine"),
+                                        (["--bare", "7", "--tasks", "texture"], "must include layout"),
+                                        (["--bare", "10"], "stages in 1..9"), (["--bare", "a"], "integers")])
+def test_bad_tasks_and_bare_values_exit_2_with_the_reason(argv, says, capsys):
+    with pytest.raises(SystemExit) as err:
+        _script()["main"](argv)
+    assert err.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_transfer_script_runs_the_layout_task_alone_with_bare_rows_and_colour_free_ti(tmp_path):
+    main = _script_main()
+    argv = ["--references", "2", "--steps", "2", "--seeds", "1", "--num-inference-steps", "2", "--sweep", "6",
+            "--tasks", "layout", "--bare", "8", "--ti-hue-jitter", "--out", str(tmp_path / "t")]
+    result = main(argv)
+    assert set(result["main"]) == {"layout"} and "mix" not in result and "edit" not in result
+    assert [(r["split"], r["bare"]) for r in result["bare"]] == [([6, 10], 8)]
+    assert result["cache_keys"]["ti"] != result["cache_keys"]["inversion"]  # TI's jittered concepts are its own
+    text = (tmp_path / "t" / "results.md").read_text()
+    assert "at every timestep (TI)" in text and "| [8, 10) | [6, 8) |" in text
+    assert not (tmp_path / "t" / "sweep.png").exists()  # its panels need every swept task

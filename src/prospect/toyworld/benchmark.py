@@ -27,12 +27,15 @@ Prompts (``*`` = the concept; both methods get the same words, seeds, DDIM steps
   slot of the attribute(s) to take from the reference, e.g. texture "a * blue square on the top",
   colour "a dotted * square on the top", layout "a dotted green *" (``*`` stands for the shape
   and no position is named); reconstruction is "*", the inversion's own caption.
-* TI uses the composed prompt in every stage: with one token this is all a TI user can do.
+* TI uses the composed prompt in every stage (one token, one prompt). With ``bare`` layout conditions TI also
+  gets ProSpect's stage texts (prompt editing is open to a TI user), so that row isolates the per-stage tokens.
 * ProSpect uses the composed prompt in the stages that carry the attribute and the same prompt
   without ``*`` (shape word "shape") in the others. Default stages, fixed before any run from the
   paper's account (layout first, material last): texture ``*`` in stages 0..4 (second half of
   generation), layout in 5..9 (first half), colour in 3..6 (the middle), content in 0..7 (the
   official README's content-aware example: text alone in the first two stages); reconstruction in all.
+  Layout may also put ``*`` alone (the inversion's own caption) in its first stages [J, 10) and the composed
+  prompt in [k, J) (``bare_conditions``): the words before ``*`` change what its vectors become.
   The split sweep (``sweep_splits``) shows how the result depends on that choice; a best split
   picked from the sweep is selected on the test data and is optimistic.
 * The model ceiling ("caption") names the target outright, e.g. "a striped blue square on the
@@ -148,13 +151,17 @@ def composed_prompt(task: TransferTask, text: Mapping[str, str], placeholder: st
     return describe(text, task.from_reference, placeholder)
 
 
-def stage_texts(task: TransferTask, text: Mapping[str, str], split: Split, n: int = 10) -> list[str]:
-    """ProSpect's N stage texts (index 0 = generation ends): composed prompt in [lo, hi), text alone elsewhere."""
+def stage_texts(task: TransferTask, text: Mapping[str, str], split: Split, n: int = 10,
+                bare: int | None = None) -> list[str]:
+    """ProSpect's N stage texts (index 0 = generation ends): composed prompt in [lo, hi), text alone elsewhere;
+    with ``bare`` = J the placeholder alone (as the inversion saw it) in stages [J, hi) instead."""
     lo, hi = split
     if not 0 <= lo <= hi <= n:
         raise ValueError(f"split {split} must satisfy 0 <= lo <= hi <= {n}")
-    plain = describe(text)
-    return [composed_prompt(task, text) if lo <= i < hi else plain for i in range(n)]
+    if bare is not None and not lo <= bare < hi:
+        raise ValueError(f"bare {bare} must lie in the split's stages [{lo}, {hi})")
+    plain, composed = describe(text), composed_prompt(task, text)
+    return ["*" if bare is not None and bare <= i < hi else composed if lo <= i < hi else plain for i in range(n)]
 
 
 def editing_prompt(texts: Sequence[str]) -> str:
@@ -247,7 +254,7 @@ def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> Difference:
 
 
 # Scoring a run: ``cfg`` is the run's settings (``bench/transfer.py``'s BenchConfig): its seed, references,
-# n_boot, sweep, chosen and mix_split are read here.
+# n_boot, sweep, chosen, tasks, bare and mix_split are read here.
 
 
 @dataclass
@@ -256,32 +263,48 @@ class Condition:
 
     method: str
     task: TransferTask
-    split: Split | None = None
+    split: Split | None = None  # TI with a split: its one token under ProSpect's stage texts (prompt editing)
+    bare: int | None = None  # the placeholder alone in stages >= bare of the split (``stage_texts``)
 
     @property
     def key(self) -> str:
         tail = f"/{self.split[0]}-{self.split[1]}" if self.split else ""
-        return f"{self.method}/{self.task.name}{tail}"
+        return f"{self.method}/{self.task.name}{tail}" + ("" if self.bare is None else f"/bare{self.bare}")
 
     def prompt(self, scene: world.Scene, text: dict[str, str]) -> str:
         if self.method == "caption":
             return describe(target(scene, self.task, text))
-        if self.method == "ti":
+        if self.method == "ti" and self.split is None:
             return composed_prompt(self.task, text)
-        return editing_prompt(stage_texts(self.task, text, self.split))
+        return editing_prompt(stage_texts(self.task, text, self.split, bare=self.bare))
 
 
 def chosen_split(cfg, task: TransferTask) -> Split | None:
     return next(((lo, hi) for name, lo, hi in cfg.chosen if name == task.name), None)
 
 
+def tasks_of(cfg) -> list[TransferTask]:
+    """The transfer tasks a run scores (``cfg.tasks``; empty = all)."""
+    return [t for t in TASKS if not cfg.tasks or t.name in cfg.tasks]
+
+
+def bare_conditions(cfg) -> list[Condition]:
+    """Layout with the placeholder alone in stages >= J (J in ``cfg.bare``) and the composed prompt in [k, J), for
+    every sweep k <= J: ProSpect, and TI's one token under the same stage texts."""
+    if "layout" not in [t.name for t in tasks_of(cfg)]:
+        return []
+    layout = TASK["layout"]
+    pairs = sorted({(k, j) for j in cfg.bare for k in cfg.sweep if k <= j < 10})
+    return [Condition(m, layout, (k, 10), j) for k, j in pairs for m in ("prospect", "ti")]
+
+
 def conditions(cfg) -> list[Condition]:
     out = []
-    for task in TASKS:
+    for task in tasks_of(cfg):
         extra = {chosen_split(cfg, task)} - {None}
         out += [Condition("prospect", task, s) for s in sorted(set(sweep_splits(task, cfg.sweep)) | extra)]
         out += [Condition("ti", task), Condition("caption", task)]
-    return out
+    return out + bare_conditions(cfg)
 
 
 def reference_scene(seed: int, r: int) -> world.Scene:
@@ -360,7 +383,7 @@ def summarise(scores: dict, cfg, todo: list[Condition]) -> dict:
     """Rates with intervals, ProSpect - TI differences, the split sweep and the attribute ceiling."""
     by = {c.key: c for c in todo}
     main, diffs, sweep = {}, {}, {}
-    for task in TASKS:
+    for task in tasks_of(cfg):
         keys = {"prospect": Condition("prospect", task, task.default_split).key,
                 "ti": Condition("ti", task).key, "caption": Condition("caption", task).key}
         if chosen_split(cfg, task) not in (None, task.default_split):
@@ -377,9 +400,32 @@ def summarise(scores: dict, cfg, todo: list[Condition]) -> dict:
                                  success=float(s["success"].mean()),
                                  from_reference=float(np.mean([s[a] for a in task.from_reference])),
                                  from_text=float(np.mean([s[a] for a in task.from_text])) if task.from_text else None)
-                            for k, s in scores.items() if k.startswith(f"prospect/{task.name}/")]
-    ceiling = {a: float(v.mean()) for a, v in scores["caption/reconstruction"].items() if a != "success"}
-    return dict(main=main, differences=diffs, sweep=sweep, ceiling=ceiling)
+                            for k, s in scores.items() if k.startswith(f"prospect/{task.name}/") and by[k].bare is None]
+    ceiling = {a: float(v.mean()) for a, v in scores.get("caption/reconstruction", {}).items() if a != "success"}
+    out = dict(main=main, differences=diffs, sweep=sweep, ceiling=ceiling)
+    if bare_conditions(cfg):
+        out["bare"] = summarise_bare(scores, cfg)
+    return out
+
+
+def summarise_bare(scores: dict, cfg) -> list[dict]:
+    """Per (k, J) of ``bare_conditions``: ProSpect's and staged TI's rates, and ProSpect minus each TI row."""
+    ti = scores[Condition("ti", TASK["layout"]).key]["success"]
+    rows = []
+    for c in bare_conditions(cfg):
+        if c.method != "prospect":
+            continue
+        mine = scores[c.key]
+        staged = scores[Condition("ti", c.task, c.split, c.bare).key]
+        rows.append(dict(split=list(c.split), bare=c.bare,
+                         prospect=dict(success=asdict(rate(mine["success"], cfg.n_boot, cfg.seed)),
+                                       attributes={a: float(v.mean()) for a, v in mine.items() if a != "success"}),
+                         ti_staged=dict(success=asdict(rate(staged["success"], cfg.n_boot, cfg.seed)),
+                                        attributes={a: float(v.mean()) for a, v in staged.items() if a != "success"}),
+                         minus_ti=asdict(paired_difference(mine["success"], ti, cfg.n_boot, cfg.seed)),
+                         minus_ti_staged=asdict(paired_difference(mine["success"], staged["success"], cfg.n_boot,
+                                                                  cfg.seed))))
+    return rows
 
 
 def edit_input(seed: int, r: int) -> tuple[world.Scene, dict[str, str]]:

@@ -42,22 +42,18 @@ class Task:
     img2img: bool = False
     from_reference: tuple[str, ...] = ()  # attributes the caption claims come from the reference
     guidance_scale: float = 5.0  # the row's CFG scale, chosen with its stages on the benchmark's pilot
-    template: str | None = None  # a second caption template for this row's own inversion, with {texture},
-    # {colour}... = the reference's words (a captioned inversion); None = the demo's one inversion
+    hue_jitter_from: int | None = None  # this row's own inversion sees the reference at random hues in stages >= K
     hue_jitter_below: int | None = None  # this row's own inversion sees the reference at random hues in stages < K
 
     @property
-    def own_inversion(self) -> tuple[str | None, int | None]:
+    def own_inversion(self) -> tuple[int | None, int | None]:
         """What sets this row's inversion apart from the demo's one; (None, None) = it uses that one."""
-        return self.template, self.hue_jitter_below
+        return self.hue_jitter_from, self.hue_jitter_below
 
     def claim(self, reference: dict[str, str]) -> dict[str, str]:
         """The attribute values an image must show for this row to show what its caption claims."""
         return {**{a: reference[a] for a in self.from_reference}, **self.from_text}
 
-    def caption(self, reference: dict[str, str]) -> str:
-        """This row's captioned template with the reference's words filled in ('{}' stays for the token)."""
-        return world.fill_template(self.template, reference)
 
 
 SHOWN = 3  # a row shows its claim when at least this many of 4 images do (read back)
@@ -72,9 +68,9 @@ def _window(lo: int, hi: int, inside: str, outside: str, n: int = 10) -> list[st
 # pilot references (--seed 1), not on this reference nor on the benchmark's held-out ones. Pilot of
 # session 12 (stage choice on; 12 references x 4 images, CFG 5 and 3; docs/inversion-fidelity.md):
 TEXTURE_STAGES, TEXTURE_CFG = (0, 4), 3.0  # pilot: [0, 4) best at both scales (0.46 at CFG 3, 0.35 at 5)
-LAYOUT_STAGES, LAYOUT_CFG = (5, 10), 3.0  # captioned-template pilot (session 16): [5, 10) at CFG 3 0.88, tied
-# with [2, 10)..[4, 10); the plain inversion's best was [6, 10) at 0.56
-LAYOUT_TEMPLATE = "a {texture} {colour} {}"  # the layout row inverts again after the reference's own words
+# layout (session 19 pilot): its own inversion colour-free in stages >= 6, '*' *alone* in stages 8..9 and the plain
+# text in 0..7, CFG 3: 0.90 (the captioned inversion's best 0.88, the plain inversion's [6, 10) composed 0.56)
+LAYOUT_STAGES, LAYOUT_CFG, LAYOUT_HUE_JITTER_FROM = (8, 10), 3.0, 6
 COLOUR_STAGES, COLOUR_CFG = (3, 7), 5.0  # pilot: the a-priori window best (0.60 at CFG 5, 0.40 at 3)
 CONTENT_STAGES, CONTENT_CFG = (0, 6), 5.0  # pilot: [0, 6) 0.65 at CFG 5, the a-priori [0, 8) 0.23
 RECONSTRUCTION_CFG = 3.0  # pilot: 0.96 at CFG 3, 0.85 at 5
@@ -93,11 +89,11 @@ TASKS = [
          "the reference's texture on a text shape, colour and position",
          _window(*TEXTURE_STAGES, "a * blue square on the top", "a blue square on the top"),
          {"shape": "square", "colour": "blue", "position": "top"}, from_reference=("texture",), guidance_scale=TEXTURE_CFG),
-    Task("layout-aware", f"'*' in stages {LAYOUT_STAGES[0]}..{LAYOUT_STAGES[1] - 1} (the start): the reference's "
-         "position and shape under a text colour and texture (its own inversion, also captioned with the reference's "
-         "texture and colour words)",
-         _window(*LAYOUT_STAGES, "a dotted green *", "a dotted green shape"), {"colour": "green", "texture": "dotted"},
-         from_reference=("position", "shape"), guidance_scale=LAYOUT_CFG, template=LAYOUT_TEMPLATE),
+    Task("layout-aware", f"'*' alone in stages {LAYOUT_STAGES[0]}..{LAYOUT_STAGES[1] - 1} (the start), the text in "
+         f"the others: the reference's position and shape under a text colour and texture (its own inversion, at "
+         f"random hues in stages {LAYOUT_HUE_JITTER_FROM}..9, so those tokens carry no colour)",
+         _window(*LAYOUT_STAGES, "*", "a dotted green shape"), {"colour": "green", "texture": "dotted"},
+         from_reference=("position", "shape"), guidance_scale=LAYOUT_CFG, hue_jitter_from=LAYOUT_HUE_JITTER_FROM),
     Task("colour-aware", f"'*' in stages {COLOUR_STAGES[0]}..{COLOUR_STAGES[1] - 1}: the reference's colour on a "
          "text shape, texture and position",
          _window(*COLOUR_STAGES, "a striped * square on the top", "a striped square on the top"),
@@ -166,14 +162,13 @@ def run_demo(cfg: DemoConfig, model: str | Path | None = None,
     inv = InversionConfig(initializer="shape", steps=cfg.inversion_steps, lr=cfg.lr, seed=cfg.seed, checkpoint_every=0,
                           stage_choice=cfg.stage_choice)
     accelerator = Solo(pp.device) if load is not None else None
-    ref_attrs = read(reference).as_dict()  # the reference's words, for a row's captioned inversion
+    ref_attrs = read(reference).as_dict()  # what the reader sees in the reference: the rows' claims
     concept = invert(pp.pipe, [reference], inv, accelerator=accelerator)
     concept_path = concept.save(out / "concept.safetensors")
     concepts, results = {(None, None): concept}, {}
     for task in TASKS:
         if task.own_inversion not in concepts:
-            own = replace(inv, templates=("{}", task.caption(ref_attrs)) if task.template else inv.templates,
-                          hue_jitter_below=task.hue_jitter_below)
+            own = replace(inv, hue_jitter_from=task.hue_jitter_from, hue_jitter_below=task.hue_jitter_below)
             concepts[task.own_inversion] = invert(pp.pipe, [reference], own, accelerator=accelerator)
             concepts[task.own_inversion].save(out / f"concept-{task.name.replace(' ', '-')}.safetensors")
         pp.load_concept(concepts[task.own_inversion])
@@ -244,9 +239,9 @@ def _html(reference: dict[str, str], readings: dict, cfg: DemoConfig, seconds: f
         else:
             verdict = (f"<p class='fail'>Does not show its claim ({claim}): only {k} of {n} images do "
                        f"(a row needs {min(SHOWN, n)}). This row is not a result.</p>")
-        if task.template:
-            verdict += (f"<p>Inverted again for this row with the templates '{{}}' and "
-                        f"'{esc(task.caption(reference))}' (the reference's own words).</p>")
+        if task.hue_jitter_from is not None:
+            verdict += (f"<p>Inverted again for this row with the reference at random hues in stages "
+                        f"{task.hue_jitter_from}..9 (--hue-jitter-from {task.hue_jitter_from}).</p>")
         if task.hue_jitter_below is not None:
             verdict += (f"<p>Inverted again for this row with the reference at random hues in stages "
                         f"0..{task.hue_jitter_below - 1} (--hue-jitter-below {task.hue_jitter_below}).</p>")
