@@ -66,6 +66,7 @@ class BenchConfig:
     edit_split: int = 5  # img2img edit: ProSpect's reported row has '*' in stages < edit_split (the sweep shows all)
     tasks: tuple[str, ...] = ()  # the tasks run (TASKS' names, "mixing", "edit"); empty = all
     bare: tuple[int, ...] = ()  # layout: also '*' alone in stages >= J, the composed prompt in [k, J) (each J, k <= J)
+    bare_below: tuple[int, ...] = ()  # texture, content, edit: also '*' alone in stages < J, composed in [J, k) (k >= J)
     chosen: tuple[tuple[str, int, int], ...] = ()  # (task, lo, hi): ProSpect splits chosen on a pilot run, reported
     # beside the a-priori ones; choose them on other references (another --seed), never on the reported ones
 
@@ -263,18 +264,28 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
             text = "" if row["from_text"] is None else f"{row['from_text']:.2f}"
             lines.append(f"| {task} | [{lo}, {hi}){' *' if row['default'] else ''} | {row['success']:.2f} | "
                          f"{row['from_reference']:.2f} | {text} |")
-    if "bare" in summary:
-        lines += ["", "Layout with '*' alone in stages >= J (as the inversion saw it), the composed prompt in [k, J), the "
-                  "plain text below k; 'TI, same texts' = TI's one token under the same stage texts; differences are "
-                  "paired bootstraps over references:", "",
-                  "| '*' alone | composed | ProSpect | position (r) | shape (r) | colour (t) | texture (t) | "
-                  "TI, same texts | ProSpect - TI | ProSpect - TI, same texts |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for row in summary["bare"]:
-            (k, _), j, s, a = row["split"], row["bare"], row["prospect"]["success"], row["prospect"]["attributes"]
+    bare_rows = summary.get("bare", []) + summary.get("edit", {}).get("bare", [])
+    for task in dict.fromkeys(row["task"] for row in bare_rows):
+        t_ = bm.EDIT if task == "edit" else bm.TASK[task]
+        attrs = t_.from_reference + t_.from_text
+        where = ("stages >= J (as the inversion saw it), the composed prompt in [k, J), the plain text below k"
+                 if task == "layout" else "stages < J (as the inversion saw it), the composed prompt in [J, k), the "
+                 "plain text from k")
+        lines += ["", f"{task.capitalize()} with '*' alone in {where}; 'TI, same texts' = TI's one token under the "
+                  "same stage texts; differences are paired bootstraps over references:", "",
+                  "| '*' alone | composed | ProSpect | " + " | ".join(
+                      f"{a} ({'r' if a in t_.from_reference else 't'})" for a in attrs) +
+                  " | TI, same texts | ProSpect - TI | ProSpect - TI, same texts |",
+                  "|---|---|---|" + "---|" * len(attrs) + "---|---|---|"]
+        for row in (r for r in bare_rows if r["task"] == task):
+            (lo, hi), j, s, a = row["split"], row["bare"], row["prospect"]["success"], row["prospect"]["attributes"]
             t, d, e = row["ti_staged"]["success"], row["minus_ti"], row["minus_ti_staged"]
-            lines.append(f"| [{j}, 10) | {f'[{k}, {j})' if k < j else 'none'} | **{s['rate']:.2f}** ({s['successes']}/{s['n']}) {_ci(s['bootstrap'])} | "
-                         f"{a['position']:.2f} | {a['shape']:.2f} | {a['colour']:.2f} | {a['texture']:.2f} | "
-                         f"{t['rate']:.2f} | {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] | "
+            alone, composed = ((j, 10), (lo, j)) if task == "layout" else ((0, j), (j, hi))
+            lines.append(f"| [{alone[0]}, {alone[1]}) | "
+                         f"{f'[{composed[0]}, {composed[1]})' if composed[0] < composed[1] else 'none'} | "
+                         f"**{s['rate']:.2f}** ({s['successes']}/{s['n']}) {_ci(s['bootstrap'])} | " +
+                         " | ".join(f"{a[x]:.2f}" for x in attrs) + f" | {t['rate']:.2f} | "
+                         f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] | "
                          f"{e['mean']:+.2f} [{e['lo']:+.2f}, {e['hi']:+.2f}] |")
     if "mix" in summary:
         m = summary["mix"]
@@ -296,7 +307,7 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
                   "named outright:", "",
                   "| method | '*' stages | success | bootstrap 95 % (refs) | texture (r) | shape (t) | colour (t) | "
                   "position (t) |", "|---|---|---|---|---|---|---|---|"]
-        for c in bm.edit_conditions(cfg):
+        for c in (c for c in bm.edit_conditions(cfg) if c.bare is None):
             row, a = e[c.key]["success"], e[c.key]["attributes"]
             where = "" if c.split is None else f"[{c.split[0]}, {c.split[1]})" + (
                 " (reported)" if c.split == bm.edit_split(cfg) else "")
@@ -433,6 +444,9 @@ def main(argv: list[str] | None = None) -> dict:
                    " (default: all)")
     p.add_argument("--bare", help="layout: also '*' alone in stages >= J and the composed prompt in [k, J), for each J "
                    "(comma separated) and each --sweep k <= J; TI gets the same stage texts too (default: none)")
+    p.add_argument("--bare-below", help="texture, content and edit: also '*' alone in stages < J and the composed "
+                   "prompt in [J, k), for each J (comma separated) and each --sweep k >= J; TI gets the same stage "
+                   "texts too (default: none)")
     p.add_argument("--chosen", action="append", metavar="TASK:LO-HI",
                    help="a ProSpect split chosen on a pilot run (another --seed), e.g. texture:0-8; repeatable")
     p.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
@@ -446,12 +460,12 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--template: {err}")
         except (IndexError, KeyError, ValueError) as err:
             p.error(f"--template: fields are {{}} and {', '.join('{' + a + '}' for a in world.ATTRIBUTES)} ({err!r})")
-    for name in ("sweep", "bare"):
+    for name in ("sweep", "bare", "bare_below"):
         if name in given:
             try:
                 given[name] = tuple(int(k) for k in given[name].split(","))
             except ValueError:
-                p.error(f"--{name} takes integers, comma separated, e.g. 6,7,8")
+                p.error(f"--{name.replace('_', '-')} takes integers, comma separated, e.g. 6,7,8")
     if "tasks" in given:
         given["tasks"] = tuple(t.strip() for t in given["tasks"].split(","))
         unknown = [t for t in given["tasks"] if t not in (*bm.TASK, *OPTIONAL)]
@@ -481,6 +495,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--bare values must be stages in 1..9")
     if cfg.bare and not _runs(cfg, "layout"):
         p.error("--bare adds layout conditions: --tasks must include layout")
+    if any(not 1 <= j <= 9 for j in cfg.bare_below):
+        p.error("--bare-below values must be stages in 1..9")
+    if cfg.bare_below and not any(_runs(cfg, t) for t in bm.BELOW):
+        p.error("--bare-below adds texture, content and edit conditions: --tasks must include one of them")
     return run(cfg)
 
 

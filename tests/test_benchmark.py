@@ -288,9 +288,43 @@ def test_bare_layout_puts_the_token_alone_first_then_the_composed_prompt_and_ti_
     assert row["minus_ti"]["mean"] == 1.0 and row["minus_ti_staged"]["mean"] == 0.5
 
 
+def test_bare_below_puts_the_token_alone_last_for_texture_content_and_the_edit_and_ti_gets_the_same_texts():
+    cfg = _script()["BenchConfig"](references=1, seed=1, sweep=(2, 4), bare_below=(3,), tasks=("texture", "edit"))
+    texture, text = bm.TASK["texture"], {"shape": "circle", "colour": "blue", "position": "top"}
+    assert bm.stage_texts(texture, text, (0, 5), bare=3) == (
+        ["*"] * 3 + ["a * blue circle on the top"] * 2 + ["a blue circle on the top"] * 5)
+    assert bm.stage_texts(texture, text, (0, 3), bare=3) == ["*"] * 3 + ["a blue circle on the top"] * 7
+    for j in (0, 6):  # '*' alone in no stage, or past the split
+        with pytest.raises(ValueError, match=f"bare {j}"):
+            bm.stage_texts(texture, text, (0, 5), bare=j)
+    keys = [c.key for c in bm.conditions(cfg)]
+    assert keys == ["prospect/texture/0-2", "prospect/texture/0-4", "prospect/texture/0-5", "ti/texture",
+                    "caption/texture", "prospect/texture/0-4/bare3", "ti/texture/0-4/bare3"]  # k = 2 < J = 3: none
+    assert [c.key for c in bm.edit_conditions(cfg)][-2:] == ["prospect/edit/0-4/bare3", "ti/edit/0-4/bare3"]
+    # scored on clean renders: ProSpect's bare row right in both images, staged TI in one, TI in none
+    scene = bm.reference_scene(1, 0)
+    wanted = bm.wanted_of(cfg, 0, texture)
+    good = read(world.render_pil(scene.with_(**{a: wanted[a] for a in ("shape", "colour", "position")}))).as_dict()
+    copy = read(world.render_pil(scene)).as_dict()
+    readings = [{k: [copy, copy] for k in keys}]
+    readings[0].update({"caption/texture": [good, good], "prospect/texture/0-4/bare3": [good, good],
+                        "ti/texture/0-4/bare3": [good, copy]})
+    todo = bm.conditions(cfg)
+    summary = bm.summarise(bm.score(readings, cfg, todo), cfg, todo)
+    assert [r["split"] for r in summary["sweep"]["texture"]] == [[0, 2], [0, 4], [0, 5]]
+    (row,) = summary["bare"]
+    assert row["task"] == "texture" and row["bare"] == 3 and row["prospect"]["success"]["rate"] == 1.0
+    assert row["minus_ti"]["mean"] == 1.0 and row["minus_ti_staged"]["mean"] == 0.5
+    md = _script()["markdown"](summary, cfg, 1)
+    assert "Texture with '*' alone in stages < J" in md and "| [0, 3) | [3, 4) | **1.00** (2/2)" in md
+
+
 @pytest.mark.parametrize("argv, says", [(["--tasks", "layout,shine"], "unknown shine"),
                                         (["--bare", "7", "--tasks", "texture"], "must include layout"),
-                                        (["--bare", "10"], "stages in 1..9"), (["--bare", "a"], "integers")])
+                                        (["--bare", "10"], "stages in 1..9"), (["--bare", "a"], "integers"),
+                                        (["--bare-below", "0"], "stages in 1..9"),
+                                        (["--bare-below", "x"], "--bare-below takes integers"),
+                                        (["--bare-below", "3", "--tasks", "layout,colour"], "must include one of")])
 def test_bad_tasks_and_bare_values_exit_2_with_the_reason(argv, says, capsys):
     with pytest.raises(SystemExit) as err:
         _script()["main"](argv)
@@ -309,3 +343,16 @@ def test_transfer_script_runs_the_layout_task_alone_with_bare_rows_and_colour_fr
     text = (tmp_path / "t" / "results.md").read_text()
     assert "at every timestep (TI)" in text and "| [8, 10) | [6, 8) |" in text
     assert not (tmp_path / "t" / "sweep.png").exists()  # its panels need every swept task
+
+
+@pytest.mark.slow
+def test_transfer_script_runs_texture_and_the_edit_with_bare_below_rows(tmp_path):
+    main = _script_main()
+    argv = ["--references", "2", "--steps", "2", "--seeds", "1", "--num-inference-steps", "2", "--sweep", "4",
+            "--tasks", "texture,edit", "--bare-below", "2", "--out", str(tmp_path / "t")]
+    result = main(argv)
+    assert set(result["main"]) == {"texture"} and "mix" not in result
+    assert [(r["task"], r["split"], r["bare"]) for r in result["bare"]] == [("texture", [0, 4], 2)]
+    assert [(r["task"], r["split"], r["bare"]) for r in result["edit"]["bare"]] == [("edit", [0, 4], 2)]
+    text = (tmp_path / "t" / "results.md").read_text()
+    assert "Texture with '*' alone" in text and "Edit with '*' alone" in text and "| [0, 2) | [2, 4) |" in text

@@ -27,7 +27,7 @@ Prompts (``*`` = the concept; both methods get the same words, seeds, DDIM steps
   slot of the attribute(s) to take from the reference, e.g. texture "a * blue square on the top",
   colour "a dotted * square on the top", layout "a dotted green *" (``*`` stands for the shape
   and no position is named); reconstruction is "*", the inversion's own caption.
-* TI uses the composed prompt in every stage (one token, one prompt). With ``bare`` layout conditions TI also
+* TI uses the composed prompt in every stage (one token, one prompt). With ``bare`` conditions TI also
   gets ProSpect's stage texts (prompt editing is open to a TI user), so that row isolates the per-stage tokens.
 * ProSpect uses the composed prompt in the stages that carry the attribute and the same prompt
   without ``*`` (shape word "shape") in the others. Default stages, fixed before any run from the
@@ -35,7 +35,8 @@ Prompts (``*`` = the concept; both methods get the same words, seeds, DDIM steps
   generation), layout in 5..9 (first half), colour in 3..6 (the middle), content in 0..7 (the
   official README's content-aware example: text alone in the first two stages); reconstruction in all.
   Layout may also put ``*`` alone (the inversion's own caption) in its first stages [J, 10) and the composed
-  prompt in [k, J) (``bare_conditions``): the words before ``*`` change what its vectors become.
+  prompt in [k, J), and texture, content and the edit in their last stages [0, J) and the composed prompt in
+  [J, k) (``bare_conditions``): the words before ``*`` change what its vectors become.
   The split sweep (``sweep_splits``) shows how the result depends on that choice; a best split
   picked from the sweep is selected on the test data and is optimistic.
 * The model ceiling ("caption") names the target outright, e.g. "a striped blue square on the
@@ -85,6 +86,7 @@ TASKS = (
 )
 TASK = {t.name: t for t in TASKS}
 COLOUR_WIDTH = 4  # stages in a colour window of the sweep
+BELOW = ("texture", "content", "edit")  # the tasks whose '*' stages are the last ones, [0, k)
 
 
 EDIT = TransferTask("edit", ("texture",), ("shape", "colour", "position"), (0, 5))  # img2img; not in TASKS
@@ -93,7 +95,7 @@ EDIT_STRENGTH = 0.6  # the edit's img2img strength (the demo's): the last 60 % o
 
 def sweep_splits(task: TransferTask, ks: Sequence[int], n: int = 10) -> list[Split]:
     """The splits of the stage sweep: texture, content and edit '*' in stages < k, layout in stages >= k, colour windows."""
-    if task.name in ("texture", "content", "edit"):
+    if task.name in BELOW:
         splits = [(0, k) for k in ks]
     elif task.name == "layout":
         splits = [(k, n) for k in ks]
@@ -154,14 +156,18 @@ def composed_prompt(task: TransferTask, text: Mapping[str, str], placeholder: st
 def stage_texts(task: TransferTask, text: Mapping[str, str], split: Split, n: int = 10,
                 bare: int | None = None) -> list[str]:
     """ProSpect's N stage texts (index 0 = generation ends): composed prompt in [lo, hi), text alone elsewhere;
-    with ``bare`` = J the placeholder alone (as the inversion saw it) in stages [J, hi) instead."""
+    with ``bare`` = J the placeholder alone (as the inversion saw it) in the stages of the split generation meets
+    first or last: [J, hi) for layout, [lo, J) for the ``BELOW`` tasks."""
     lo, hi = split
     if not 0 <= lo <= hi <= n:
         raise ValueError(f"split {split} must satisfy 0 <= lo <= hi <= {n}")
-    if bare is not None and not lo <= bare < hi:
-        raise ValueError(f"bare {bare} must lie in the split's stages [{lo}, {hi})")
+    below = task.name in BELOW
+    if bare is not None and not (lo < bare <= hi if below else lo <= bare < hi):
+        raise ValueError(f"bare {bare} must lie in the split's stages [{lo}, {hi})"
+                         + (" and leave '*' alone in one at least" if below and bare == lo else ""))
+    alone = (lambda i: lo <= i < bare) if below else (lambda i: bare <= i < hi)
     plain, composed = describe(text), composed_prompt(task, text)
-    return ["*" if bare is not None and bare <= i < hi else composed if lo <= i < hi else plain for i in range(n)]
+    return ["*" if bare is not None and alone(i) else composed if lo <= i < hi else plain for i in range(n)]
 
 
 def editing_prompt(texts: Sequence[str]) -> str:
@@ -264,7 +270,7 @@ class Condition:
     method: str
     task: TransferTask
     split: Split | None = None  # TI with a split: its one token under ProSpect's stage texts (prompt editing)
-    bare: int | None = None  # the placeholder alone in stages >= bare of the split (``stage_texts``)
+    bare: int | None = None  # the placeholder alone in stages >= bare (layout) or < bare of the split (``stage_texts``)
 
     @property
     def key(self) -> str:
@@ -288,14 +294,21 @@ def tasks_of(cfg) -> list[TransferTask]:
     return [t for t in TASKS if not cfg.tasks or t.name in cfg.tasks]
 
 
-def bare_conditions(cfg) -> list[Condition]:
-    """Layout with the placeholder alone in stages >= J (J in ``cfg.bare``) and the composed prompt in [k, J), for
-    every sweep k <= J: ProSpect, and TI's one token under the same stage texts."""
-    if "layout" not in [t.name for t in tasks_of(cfg)]:
-        return []
-    layout = TASK["layout"]
-    pairs = sorted({(k, j) for j in cfg.bare for k in cfg.sweep if k <= j < 10})
-    return [Condition(m, layout, (k, 10), j) for k, j in pairs for m in ("prospect", "ti")]
+def bare_conditions(cfg, tasks: Sequence[TransferTask] | None = None) -> list[Condition]:
+    """The placeholder alone where generation meets the split first (layout: stages >= J, J in ``cfg.bare``,
+    composed prompt in [k, J), every sweep k <= J) or last (texture and content: stages < J, J in
+    ``cfg.bare_below``, composed prompt in [J, k), every sweep k >= J): ProSpect, and TI's one token under the same
+    stage texts. ``tasks`` defaults to the run's transfer tasks (``tasks_of``); the edit passes its own."""
+    out = []
+    for task in tasks_of(cfg) if tasks is None else tasks:
+        if task.name == "layout":
+            splits = sorted({((k, 10), j) for j in cfg.bare for k in cfg.sweep if k <= j < 10})
+        elif task.name in BELOW:
+            splits = sorted({((0, k), j) for j in getattr(cfg, "bare_below", ()) for k in cfg.sweep if 0 < j <= k})
+        else:
+            splits = []
+        out += [Condition(m, task, split, j) for split, j in splits for m in ("prospect", "ti")]
+    return out
 
 
 def conditions(cfg) -> list[Condition]:
@@ -408,16 +421,16 @@ def summarise(scores: dict, cfg, todo: list[Condition]) -> dict:
     return out
 
 
-def summarise_bare(scores: dict, cfg) -> list[dict]:
-    """Per (k, J) of ``bare_conditions``: ProSpect's and staged TI's rates, and ProSpect minus each TI row."""
-    ti = scores[Condition("ti", TASK["layout"]).key]["success"]
+def summarise_bare(scores: dict, cfg, todo: list[Condition] | None = None) -> list[dict]:
+    """Per bare condition (``bare_conditions``, or ``todo``'s): ProSpect's and staged TI's rates, and ProSpect
+    minus each TI row (the task's own TI, composed prompt in every stage, and the staged one)."""
     rows = []
-    for c in bare_conditions(cfg):
+    for c in bare_conditions(cfg) if todo is None else [c for c in todo if c.bare is not None]:
         if c.method != "prospect":
             continue
-        mine = scores[c.key]
+        mine, ti = scores[c.key], scores[Condition("ti", c.task).key]["success"]
         staged = scores[Condition("ti", c.task, c.split, c.bare).key]
-        rows.append(dict(split=list(c.split), bare=c.bare,
+        rows.append(dict(task=c.task.name, split=list(c.split), bare=c.bare,
                          prospect=dict(success=asdict(rate(mine["success"], cfg.n_boot, cfg.seed)),
                                        attributes={a: float(v.mean()) for a, v in mine.items() if a != "success"}),
                          ti_staged=dict(success=asdict(rate(staged["success"], cfg.n_boot, cfg.seed)),
@@ -442,7 +455,7 @@ def edit_input(seed: int, r: int) -> tuple[world.Scene, dict[str, str]]:
 def edit_conditions(cfg) -> list[Condition]:
     splits = sorted(set(sweep_splits(EDIT, cfg.sweep)) | {edit_split(cfg)})
     return ([Condition("prospect", EDIT, s) for s in splits]
-            + [Condition("ti", EDIT), Condition("caption", EDIT)])
+            + [Condition("ti", EDIT), Condition("caption", EDIT)] + bare_conditions(cfg, [EDIT]))
 
 
 def edit_split(cfg) -> Split:
@@ -458,4 +471,6 @@ def score_edit(readings: list[dict], cfg) -> dict:
     chosen = Condition("prospect", EDIT, edit_split(cfg)).key
     out["difference"] = asdict(paired_difference(scores[chosen]["success"], scores[Condition("ti", EDIT).key]["success"],
                                                  cfg.n_boot, cfg.seed))
+    if bare_conditions(cfg, [EDIT]):
+        out["bare"] = summarise_bare(scores, cfg, bare_conditions(cfg, [EDIT]))
     return out
