@@ -65,7 +65,8 @@ class BenchConfig:
     mix_split: int = 5  # mixing: A's tokens in stages >= mix_split (layout), B's below (material)
     edit_split: int = 5  # img2img edit: ProSpect's reported row has '*' in stages < edit_split (the sweep shows all)
     tasks: tuple[str, ...] = ()  # the tasks run (TASKS' names, "mixing", "edit"); empty = all
-    bare: tuple[int, ...] = ()  # layout: also '*' alone in stages >= J, the composed prompt in [k, J) (each J, k <= J)
+    bare: tuple[int, ...] = ()  # layout: also '*' alone in stages >= J, the composed prompt in [k, J) (each J, k <= J);
+    # colour: '*' alone in [J, hi) of each window [lo, hi) holding J, the composed prompt in [lo, J)
     bare_below: tuple[int, ...] = ()  # texture, content, edit: also '*' alone in stages < J, composed in [J, k) (k >= J)
     chosen: tuple[tuple[str, int, int], ...] = ()  # (task, lo, hi): ProSpect splits chosen on a pilot run, reported
     # beside the a-priori ones; choose them on other references (another --seed), never on the reported ones
@@ -268,9 +269,10 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
     for task in dict.fromkeys(row["task"] for row in bare_rows):
         t_ = bm.EDIT if task == "edit" else bm.TASK[task]
         attrs = t_.from_reference + t_.from_text
-        where = ("stages >= J (as the inversion saw it), the composed prompt in [k, J), the plain text below k"
-                 if task == "layout" else "stages < J (as the inversion saw it), the composed prompt in [J, k), the "
-                 "plain text from k")
+        where = {"layout": "stages >= J (as the inversion saw it), the composed prompt in [k, J), the plain text "
+                           "below k", "colour": "stages [J, hi) of the window [lo, hi) (as the inversion saw it), the "
+                           "composed prompt in [lo, J), the plain text outside the window"}.get(
+            task, "stages < J (as the inversion saw it), the composed prompt in [J, k), the plain text from k")
         lines += ["", f"{task.capitalize()} with '*' alone in {where}; 'TI, same texts' = TI's one token under the "
                   "same stage texts; differences are paired bootstraps over references:", "",
                   "| '*' alone | composed | ProSpect | " + " | ".join(
@@ -280,7 +282,7 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
         for row in (r for r in bare_rows if r["task"] == task):
             (lo, hi), j, s, a = row["split"], row["bare"], row["prospect"]["success"], row["prospect"]["attributes"]
             t, d, e = row["ti_staged"]["success"], row["minus_ti"], row["minus_ti_staged"]
-            alone, composed = ((j, 10), (lo, j)) if task == "layout" else ((0, j), (j, hi))
+            alone, composed = ((lo, j), (j, hi)) if task in bm.BELOW else ((j, hi), (lo, j))
             lines.append(f"| [{alone[0]}, {alone[1]}) | "
                          f"{f'[{composed[0]}, {composed[1]})' if composed[0] < composed[1] else 'none'} | "
                          f"**{s['rate']:.2f}** ({s['successes']}/{s['n']}) {_ci(s['bootstrap'])} | " +
@@ -443,7 +445,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tasks", help="the tasks to run, comma separated: " + ", ".join((*bm.TASK, *OPTIONAL)) +
                    " (default: all)")
     p.add_argument("--bare", help="layout: also '*' alone in stages >= J and the composed prompt in [k, J), for each J "
-                   "(comma separated) and each --sweep k <= J; TI gets the same stage texts too (default: none)")
+                   "(comma separated) and each --sweep k <= J; colour: '*' alone in [J, hi) of each window [lo, hi) "
+                   "holding J; TI gets the same stage texts too (default: none)")
     p.add_argument("--bare-below", help="texture, content and edit: also '*' alone in stages < J and the composed "
                    "prompt in [J, k), for each J (comma separated) and each --sweep k >= J; TI gets the same stage "
                    "texts too (default: none)")
@@ -493,8 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--sweep values must lie in 0..10")
     if any(not 1 <= j <= 9 for j in cfg.bare):
         p.error("--bare values must be stages in 1..9")
-    if cfg.bare and not _runs(cfg, "layout"):
-        p.error("--bare adds layout conditions: --tasks must include layout")
+    if cfg.bare and not (_runs(cfg, "layout") or _runs(cfg, "colour")):
+        p.error("--bare adds layout and colour conditions: --tasks must include one of them")
     if any(not 1 <= j <= 9 for j in cfg.bare_below):
         p.error("--bare-below values must be stages in 1..9")
     if cfg.bare_below and not any(_runs(cfg, t) for t in bm.BELOW):

@@ -319,8 +319,28 @@ def test_bare_below_puts_the_token_alone_last_for_texture_content_and_the_edit_a
     assert "Texture with '*' alone in stages < J" in md and "| [0, 3) | [3, 4) | **1.00** (2/2)" in md
 
 
+def test_bare_colour_puts_the_token_alone_in_the_end_of_its_window_that_generation_meets_first():
+    cfg = _script()["BenchConfig"](references=1, seed=1, sweep=(4,), bare=(3, 5), tasks=("colour",))
+    colour, text = bm.TASK["colour"], {"shape": "circle", "texture": "dotted", "position": "top"}
+    assert bm.stage_texts(colour, text, (3, 7), bare=5) == (
+        ["a dotted circle on the top"] * 3 + ["a dotted * circle on the top"] * 2 + ["*"] * 2
+        + ["a dotted circle on the top"] * 3)
+    keys = [c.key for c in bm.conditions(cfg) if c.bare is not None]
+    assert keys == ["prospect/colour/1-5/bare3", "ti/colour/1-5/bare3", "prospect/colour/3-7/bare3",
+                    "ti/colour/3-7/bare3", "prospect/colour/3-7/bare5", "ti/colour/3-7/bare5",
+                    "prospect/colour/5-9/bare5", "ti/colour/5-9/bare5"]
+    scene = bm.reference_scene(1, 0)
+    copy = read(world.render_pil(scene)).as_dict()
+    readings = [{c.key: [copy] for c in bm.conditions(cfg)}]
+    todo = bm.conditions(cfg)
+    summary = bm.summarise(bm.score(readings, cfg, todo), cfg, todo)
+    md = _script()["markdown"](summary, cfg, 1)
+    assert "Colour with '*' alone in stages [J, hi)" in md and "| [5, 7) | [3, 5) | **0.00** (0/1)" in md
+    assert "| [3, 7) | none |" in md  # J = lo: the whole window alone
+
+
 @pytest.mark.parametrize("argv, says", [(["--tasks", "layout,shine"], "unknown shine"),
-                                        (["--bare", "7", "--tasks", "texture"], "must include layout"),
+                                        (["--bare", "7", "--tasks", "texture"], "must include one of them"),
                                         (["--bare", "10"], "stages in 1..9"), (["--bare", "a"], "integers"),
                                         (["--bare-below", "0"], "stages in 1..9"),
                                         (["--bare-below", "x"], "--bare-below takes integers"),

@@ -35,7 +35,7 @@ Prompts (``*`` = the concept; both methods get the same words, seeds, DDIM steps
   generation), layout in 5..9 (first half), colour in 3..6 (the middle), content in 0..7 (the
   official README's content-aware example: text alone in the first two stages); reconstruction in all.
   Layout may also put ``*`` alone (the inversion's own caption) in its first stages [J, 10) and the composed
-  prompt in [k, J), and texture, content and the edit in their last stages [0, J) and the composed prompt in
+  prompt in [k, J) (colour likewise in [J, hi) of its window), and texture, content and the edit in their last stages [0, J) and the composed prompt in
   [J, k) (``bare_conditions``): the words before ``*`` change what its vectors become.
   The split sweep (``sweep_splits``) shows how the result depends on that choice; a best split
   picked from the sweep is selected on the test data and is optimistic.
@@ -296,13 +296,15 @@ def tasks_of(cfg) -> list[TransferTask]:
 
 def bare_conditions(cfg, tasks: Sequence[TransferTask] | None = None) -> list[Condition]:
     """The placeholder alone where generation meets the split first (layout: stages >= J, J in ``cfg.bare``,
-    composed prompt in [k, J), every sweep k <= J) or last (texture and content: stages < J, J in
+    composed prompt in [k, J), every sweep k <= J; colour: stages [J, hi) of each window [lo, hi) holding J) or last (texture and content: stages < J, J in
     ``cfg.bare_below``, composed prompt in [J, k), every sweep k >= J): ProSpect, and TI's one token under the same
     stage texts. ``tasks`` defaults to the run's transfer tasks (``tasks_of``); the edit passes its own."""
     out = []
     for task in tasks_of(cfg) if tasks is None else tasks:
         if task.name == "layout":
             splits = sorted({((k, 10), j) for j in cfg.bare for k in cfg.sweep if k <= j < 10})
+        elif task.name == "colour":  # each window of the sweep [lo, hi) with lo <= J < hi
+            splits = sorted({(w, j) for j in cfg.bare for w in sweep_splits(task, cfg.sweep) if w[0] <= j < w[1]})
         elif task.name in BELOW:
             splits = sorted({((0, k), j) for j in getattr(cfg, "bare_below", ()) for k in cfg.sweep if 0 < j <= k})
         else:
