@@ -31,6 +31,7 @@ from prospect.toyworld.reader import read_batch
 
 METHODS = ("prospect", "ti", "caption")
 LABEL = {"prospect": "ProSpect", "prospect_chosen": "ProSpect, pilot-chosen split", "ti": "TI",
+         "ti_staged": "TI, ProSpect's stage texts", "ti_staged_chosen": "TI, the chosen split's stage texts",
          "caption": "caption (model ceiling)"}
 BATCH = 64  # images per pipeline call
 EXAMPLE_REFERENCES = 3  # references whose images are also saved as a grid
@@ -67,6 +68,7 @@ class BenchConfig:
     tasks: tuple[str, ...] = ()  # the tasks run (TASKS' names, "mixing", "edit"); empty = all
     bare: tuple[int, ...] = ()  # layout: also '*' alone in stages >= J, the composed prompt in [k, J) (each J, k <= J);
     # colour: '*' alone in [J, hi) of each window [lo, hi) holding J, the composed prompt in [lo, J)
+    ti_staged: bool = False  # TI also under ProSpect's stage texts at each reported split (prompt editing: fair)
     bare_below: tuple[int, ...] = ()  # texture, content, edit: also '*' alone in stages < J, composed in [J, k) (k >= J)
     chosen: tuple[tuple[str, int, int], ...] = ()  # (task, lo, hi): ProSpect splits chosen on a pilot run, reported
     # beside the a-priori ones; choose them on other references (another --seed), never on the reported ones
@@ -157,7 +159,7 @@ def run_reference(pp, r: int, cfg: BenchConfig, dirs: dict[str, Path], todo: lis
         got = read_batch(images)
         for i, c in enumerate(mine):
             readings[c.key] = [g.as_dict() for g in got[i * len(seeds):(i + 1) * len(seeds)]]
-            if c.split in (None, c.task.default_split) and c.bare is None:
+            if (c.split is None if c.method != "prospect" else c.split == c.task.default_split) and c.bare is None:
                 examples.append((c, images[i * len(seeds):(i + 1) * len(seeds)]))
     cache.write_text(json.dumps(readings))
     if r < EXAMPLE_REFERENCES and examples:
@@ -316,9 +318,11 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
             lines.append(f"| {LABEL[c.method]} | {where} | **{row['rate']:.2f}** ({row['successes']}/{row['n']}) | "
                          f"{_ci(row['bootstrap'])} | {a['texture']:.2f} | {a['shape']:.2f} | {a['colour']:.2f} | "
                          f"{a['position']:.2f} |")
-        d = e["difference"]
-        lines.append(f"| ProSpect - TI | [0, {cfg.edit_split}) | {d['mean']:+.2f} | [{d['lo']:+.2f}, {d['hi']:+.2f}] "
-                     "| | | | |")
+        for name, label in (("difference", "ProSpect - TI"), ("difference_staged", "ProSpect - TI, same texts")):
+            if name in e:
+                d = e[name]
+                lines.append(f"| {label} | [0, {cfg.edit_split}) | {d['mean']:+.2f} | [{d['lo']:+.2f}, {d['hi']:+.2f}] "
+                             "| | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -447,6 +451,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bare", help="layout: also '*' alone in stages >= J and the composed prompt in [k, J), for each J "
                    "(comma separated) and each --sweep k <= J; colour: '*' alone in [J, hi) of each window [lo, hi) "
                    "holding J; TI gets the same stage texts too (default: none)")
+    p.add_argument("--ti-staged", action="store_true", default=None,
+                   help="TI also under ProSpect's stage texts at each reported split (a-priori and --chosen; the edit's "
+                   "--edit-split): prompt editing is open to a TI user too (default: off)")
     p.add_argument("--bare-below", help="texture, content and edit: also '*' alone in stages < J and the composed "
                    "prompt in [J, k), for each J (comma separated) and each --sweep k >= J; TI gets the same stage "
                    "texts too (default: none)")

@@ -319,6 +319,29 @@ def test_bare_below_puts_the_token_alone_last_for_texture_content_and_the_edit_a
     assert "Texture with '*' alone in stages < J" in md and "| [0, 3) | [3, 4) | **1.00** (2/2)" in md
 
 
+def test_ti_staged_gives_ti_prospects_stage_texts_at_each_reported_split_and_scores_the_difference():
+    cfg = _script()["BenchConfig"](references=1, seed=1, sweep=(4,), ti_staged=True, chosen=(("texture", 0, 4),),
+                                   tasks=("reconstruction", "texture"), edit_split=4)
+    keys = [c.key for c in bm.conditions(cfg)]
+    assert "ti/texture/0-4" in keys and "ti/texture/0-5" in keys and not any(k.startswith("ti/reconstruction/") for k in keys)
+    assert [c.key for c in bm.edit_conditions(cfg) if c.method == "ti"] == ["ti/edit", "ti/edit/0-4"]
+    texture, scene = bm.TASK["texture"], bm.reference_scene(1, 0)
+    text = bm.texts_of(scene, 1, 0)["texture"]
+    assert bm.Condition("ti", texture, (0, 4)).prompt(scene, text) == bm.Condition("prospect", texture, (0, 4)).prompt(
+        scene, text)
+    wanted = bm.wanted_of(cfg, 0, texture)
+    good = read(world.render_pil(scene.with_(**{a: wanted[a] for a in ("shape", "colour", "position")}))).as_dict()
+    copy = read(world.render_pil(scene)).as_dict()
+    readings = [{k: [copy, copy] for k in keys}]
+    readings[0].update({"prospect/texture/0-4": [good, good], "ti/texture/0-4": [good, copy]})
+    todo = bm.conditions(cfg)
+    summary = bm.summarise(bm.score(readings, cfg, todo), cfg, todo)
+    assert summary["main"]["texture"]["ti_staged_chosen"]["success"]["rate"] == 0.5
+    assert summary["differences"]["texture (chosen split) vs TI, same texts"]["mean"] == 0.5
+    assert summary["differences"]["texture vs TI, same texts"]["mean"] == 0.0
+    assert "| texture | TI, the chosen split's stage texts | **0.50** (1/2)" in _script()["markdown"](summary, cfg, 1)
+
+
 def test_bare_colour_puts_the_token_alone_in_the_end_of_its_window_that_generation_meets_first():
     cfg = _script()["BenchConfig"](references=1, seed=1, sweep=(4,), bare=(3, 5), tasks=("colour",))
     colour, text = bm.TASK["colour"], {"shape": "circle", "texture": "dotted", "position": "top"}

@@ -313,12 +313,25 @@ def bare_conditions(cfg, tasks: Sequence[TransferTask] | None = None) -> list[Co
     return out
 
 
+def reported_splits(cfg, task: TransferTask) -> list[Split]:
+    """The splits a task's ProSpect rows report: the a-priori one and the pilot-chosen one (if any)."""
+    return sorted({task.default_split, chosen_split(cfg, task)} - {None})
+
+
+def staged_ti_conditions(cfg, task: TransferTask) -> list[Condition]:
+    """With ``cfg.ti_staged``: TI's one token under ProSpect's stage texts at each reported split (prompt editing
+    is open to a TI user: the fair baseline of the per-stage tokens). Reconstruction's '*' everywhere is TI's own."""
+    if not getattr(cfg, "ti_staged", False) or not task.from_text:
+        return []
+    return [Condition("ti", task, s) for s in reported_splits(cfg, task)]
+
+
 def conditions(cfg) -> list[Condition]:
     out = []
     for task in tasks_of(cfg):
         extra = {chosen_split(cfg, task)} - {None}
         out += [Condition("prospect", task, s) for s in sorted(set(sweep_splits(task, cfg.sweep)) | extra)]
-        out += [Condition("ti", task), Condition("caption", task)]
+        out += [Condition("ti", task), Condition("caption", task)] + staged_ti_conditions(cfg, task)
     return out + bare_conditions(cfg)
 
 
@@ -403,14 +416,20 @@ def summarise(scores: dict, cfg, todo: list[Condition]) -> dict:
                 "ti": Condition("ti", task).key, "caption": Condition("caption", task).key}
         if chosen_split(cfg, task) not in (None, task.default_split):
             keys["prospect_chosen"] = Condition("prospect", task, chosen_split(cfg, task)).key
-        main[task.name] = {m: dict(success=asdict(rate(scores[k]["success"], cfg.n_boot, cfg.seed)),
-                                   attributes={a: float(v.mean()) for a, v in scores[k].items() if a != "success"})
-                           for m, k in keys.items()}
         diffs[task.name] = asdict(paired_difference(scores[keys["prospect"]]["success"], scores[keys["ti"]]["success"],
                                                        cfg.n_boot, cfg.seed))
         if "prospect_chosen" in keys:
             diffs[task.name + " (chosen split)"] = asdict(paired_difference(
                 scores[keys["prospect_chosen"]]["success"], scores[keys["ti"]]["success"], cfg.n_boot, cfg.seed))
+        for c in staged_ti_conditions(cfg, task):  # ProSpect minus TI under the very same stage texts
+            chosen = c.split != task.default_split
+            mine = keys["prospect_chosen" if chosen else "prospect"]
+            keys["ti_staged_chosen" if chosen else "ti_staged"] = c.key
+            diffs[f"{task.name}{' (chosen split)' if chosen else ''} vs TI, same texts"] = asdict(paired_difference(
+                scores[mine]["success"], scores[c.key]["success"], cfg.n_boot, cfg.seed))
+        main[task.name] = {m: dict(success=asdict(rate(scores[k]["success"], cfg.n_boot, cfg.seed)),
+                                   attributes={a: float(v.mean()) for a, v in scores[k].items() if a != "success"})
+                           for m, k in keys.items()}
         sweep[task.name] = [dict(split=list(by[k].split), default=by[k].split == task.default_split,
                                  success=float(s["success"].mean()),
                                  from_reference=float(np.mean([s[a] for a in task.from_reference])),
@@ -457,7 +476,9 @@ def edit_input(seed: int, r: int) -> tuple[world.Scene, dict[str, str]]:
 def edit_conditions(cfg) -> list[Condition]:
     splits = sorted(set(sweep_splits(EDIT, cfg.sweep)) | {edit_split(cfg)})
     return ([Condition("prospect", EDIT, s) for s in splits]
-            + [Condition("ti", EDIT), Condition("caption", EDIT)] + bare_conditions(cfg, [EDIT]))
+            + [Condition("ti", EDIT), Condition("caption", EDIT)]
+            + ([Condition("ti", EDIT, edit_split(cfg))] if getattr(cfg, "ti_staged", False) else [])
+            + bare_conditions(cfg, [EDIT]))
 
 
 def edit_split(cfg) -> Split:
@@ -473,6 +494,10 @@ def score_edit(readings: list[dict], cfg) -> dict:
     chosen = Condition("prospect", EDIT, edit_split(cfg)).key
     out["difference"] = asdict(paired_difference(scores[chosen]["success"], scores[Condition("ti", EDIT).key]["success"],
                                                  cfg.n_boot, cfg.seed))
+    staged = Condition("ti", EDIT, edit_split(cfg)).key
+    if staged in scores:
+        out["difference_staged"] = asdict(paired_difference(scores[chosen]["success"], scores[staged]["success"],
+                                                            cfg.n_boot, cfg.seed))
     if bare_conditions(cfg, [EDIT]):
         out["bare"] = summarise_bare(scores, cfg, bare_conditions(cfg, [EDIT]))
     return out
