@@ -306,7 +306,7 @@ def bare_conditions(cfg, tasks: Sequence[TransferTask] | None = None) -> list[Co
         elif task.name == "colour":  # each window of the sweep [lo, hi) with lo <= J < hi
             splits = sorted({(w, j) for j in cfg.bare for w in sweep_splits(task, cfg.sweep) if w[0] <= j < w[1]})
         elif task.name in BELOW:
-            splits = sorted({((0, k), j) for j in getattr(cfg, "bare_below", ()) for k in cfg.sweep if 0 < j <= k})
+            splits = sorted({((0, k), j) for j in cfg.bare_below for k in cfg.sweep if 0 < j <= k})
         else:
             splits = []
         out += [Condition(m, task, split, j) for split, j in splits for m in ("prospect", "ti")]
@@ -314,14 +314,16 @@ def bare_conditions(cfg, tasks: Sequence[TransferTask] | None = None) -> list[Co
 
 
 def reported_splits(cfg, task: TransferTask) -> list[Split]:
-    """The splits a task's ProSpect rows report: the a-priori one and the pilot-chosen one (if any)."""
+    """The splits a task's ProSpect rows report: the a-priori one and the pilot-chosen one (if any); the edit's one."""
+    if task == EDIT:
+        return [edit_split(cfg)]
     return sorted({task.default_split, chosen_split(cfg, task)} - {None})
 
 
 def staged_ti_conditions(cfg, task: TransferTask) -> list[Condition]:
     """With ``cfg.ti_staged``: TI's one token under ProSpect's stage texts at each reported split (prompt editing
     is open to a TI user: the fair baseline of the per-stage tokens). Reconstruction's '*' everywhere is TI's own."""
-    if not getattr(cfg, "ti_staged", False) or not task.from_text:
+    if not cfg.ti_staged or not task.from_text:
         return []
     return [Condition("ti", task, s) for s in reported_splits(cfg, task)]
 
@@ -329,8 +331,8 @@ def staged_ti_conditions(cfg, task: TransferTask) -> list[Condition]:
 def conditions(cfg) -> list[Condition]:
     out = []
     for task in tasks_of(cfg):
-        extra = {chosen_split(cfg, task)} - {None}
-        out += [Condition("prospect", task, s) for s in sorted(set(sweep_splits(task, cfg.sweep)) | extra)]
+        splits = set(sweep_splits(task, cfg.sweep)) | set(reported_splits(cfg, task))
+        out += [Condition("prospect", task, s) for s in sorted(splits)]
         out += [Condition("ti", task), Condition("caption", task)] + staged_ti_conditions(cfg, task)
     return out + bare_conditions(cfg)
 
@@ -477,7 +479,7 @@ def edit_conditions(cfg) -> list[Condition]:
     splits = sorted(set(sweep_splits(EDIT, cfg.sweep)) | {edit_split(cfg)})
     return ([Condition("prospect", EDIT, s) for s in splits]
             + [Condition("ti", EDIT), Condition("caption", EDIT)]
-            + ([Condition("ti", EDIT, edit_split(cfg))] if getattr(cfg, "ti_staged", False) else [])
+            + staged_ti_conditions(cfg, EDIT)
             + bare_conditions(cfg, [EDIT]))
 
 
@@ -494,9 +496,8 @@ def score_edit(readings: list[dict], cfg) -> dict:
     chosen = Condition("prospect", EDIT, edit_split(cfg)).key
     out["difference"] = asdict(paired_difference(scores[chosen]["success"], scores[Condition("ti", EDIT).key]["success"],
                                                  cfg.n_boot, cfg.seed))
-    staged = Condition("ti", EDIT, edit_split(cfg)).key
-    if staged in scores:
-        out["difference_staged"] = asdict(paired_difference(scores[chosen]["success"], scores[staged]["success"],
+    for c in staged_ti_conditions(cfg, EDIT):
+        out["difference_staged"] = asdict(paired_difference(scores[chosen]["success"], scores[c.key]["success"],
                                                             cfg.n_boot, cfg.seed))
     if bare_conditions(cfg, [EDIT]):
         out["bare"] = summarise_bare(scores, cfg, bare_conditions(cfg, [EDIT]))
