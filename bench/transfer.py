@@ -69,6 +69,7 @@ class BenchConfig:
     bare: tuple[int, ...] = ()  # layout: also '*' alone in stages >= J, the composed prompt in [k, J) (each J, k <= J);
     # colour: '*' alone in [J, hi) of each window [lo, hi) holding J, the composed prompt in [lo, J)
     ti_staged: bool = False  # TI also under ProSpect's stage texts at each reported split (prompt editing: fair)
+    sweep_staged: bool = False  # at every sweep split also TI and the caption under ProSpect's stage texts
     bare_below: tuple[int, ...] = ()  # texture, content, edit: also '*' alone in stages < J, composed in [J, k) (k >= J)
     chosen: tuple[tuple[str, int, int], ...] = ()  # (task, lo, hi): ProSpect splits chosen on a pilot run, reported
     # beside the a-priori ones; choose them on other references (another --seed), never on the reported ones
@@ -257,16 +258,27 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
     if summary["ceiling"]:
         lines += ["", "Model ceiling: attribute accuracy from the plain full caption of each reference: " +
                   ", ".join(f"{a} {v:.2f}" for a, v in summary["ceiling"].items())]
+    staged = [m for m in ("ti_staged", "caption_staged") if any(m in r for rows in summary["sweep"].values() for r in rows)]
     lines += ["",
               "Split sweep (ProSpect; texture and content: '*' in stages < k, layout: in stages >= k, colour: in [lo, hi); "
-              "stage 0 = generation ends; * = default split, fixed a priori):", "",
-              "| task | '*' stages | success | reference attrs | text attrs |", "|---|---|---|---|---|"]
+              "stage 0 = generation ends; * = default split, fixed a priori" +
+              ("; 'same texts': TI's token, or the reference's own words (the caption), where ProSpect has '*'"
+               if staged else "") + "):", "",
+              "| task | '*' stages | success | reference attrs | text attrs |" +
+              "".join(f" {SWEEP_LABEL[m]}: success | reference attrs | text attrs |" for m in staged),
+              "|---|---|---|---|---|" + "---|---|---|" * len(staged)]
+
+    def cells(cell: dict | None) -> str:
+        if cell is None:
+            return " | | |"
+        text = "" if cell["from_text"] is None else f"{cell['from_text']:.2f}"
+        return f" {cell['success']:.2f} | {cell['from_reference']:.2f} | {text} |"
+
     for task, rows in summary["sweep"].items():
         for row in rows:
             lo, hi = row["split"]
-            text = "" if row["from_text"] is None else f"{row['from_text']:.2f}"
-            lines.append(f"| {task} | [{lo}, {hi}){' *' if row['default'] else ''} | {row['success']:.2f} | "
-                         f"{row['from_reference']:.2f} | {text} |")
+            lines.append(f"| {task} | [{lo}, {hi}){' *' if row['default'] else ''} |" + cells(row) +
+                         "".join(cells(row.get(m)) for m in staged))
     bare_rows = summary.get("bare", []) + summary.get("edit", {}).get("bare", [])
     for task in dict.fromkeys(row["task"] for row in bare_rows):
         t_ = bm.EDIT if task == "edit" else bm.TASK[task]
@@ -326,6 +338,7 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+SWEEP_LABEL = {"ti_staged": "TI, same texts", "caption_staged": "caption, same texts"}
 SWEPT = ("texture", "layout", "colour", "content")  # the panels of sweep.png
 OPTIONAL = ("mixing", "edit")  # --tasks names beside bm.TASK's
 
@@ -347,6 +360,9 @@ def plot_sweep(summary: dict, path: Path) -> None:
                   plots.Series("text attrs", xs, [r["from_text"] for r in rows], "tab:orange"),
                   plots.Series("TI success", [0, 10], level("ti"), "tab:red", "--"),
                   plots.Series("caption ceiling", [0, 10], level("caption"), "0.6", "--")]
+        for m, colour in (("ti_staged", "tab:red"), ("caption_staged", "0.6")):
+            if all(m in r for r in rows):  # --sweep-staged: the same stage texts at each split
+                series.append(plots.Series(f"{SWEEP_LABEL[m]} success", xs, [r[m]["success"] for r in rows], colour, ":o"))
         what = {"texture": "'*' in stages < k", "layout": "'*' in stages >= k", "colour": "'*' in [k, k+4)",
                 "content": "'*' in stages < k"}[task]
         default = next(x for x, r in zip(xs, rows) if r["default"])
@@ -454,6 +470,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ti-staged", action="store_true", default=None,
                    help="TI also under ProSpect's stage texts at each reported split (a-priori and --chosen; the edit's "
                    "--edit-split): prompt editing is open to a TI user too (default: off)")
+    p.add_argument("--sweep-staged", action="store_true", default=None,
+                   help="at every split of the sweep also TI's one token and the caption (the reference's own words "
+                   "where '*' goes) under ProSpect's stage texts: the fair baseline and the model's ceiling of each "
+                   "split (default: off)")
     p.add_argument("--bare-below", help="texture, content and edit: also '*' alone in stages < J and the composed "
                    "prompt in [J, k), for each J (comma separated) and each --sweep k >= J; TI gets the same stage "
                    "texts too (default: none)")

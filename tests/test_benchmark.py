@@ -399,3 +399,32 @@ def test_transfer_script_runs_texture_and_the_edit_with_bare_below_rows(tmp_path
     assert [(r["task"], r["split"], r["bare"]) for r in result["edit"]["bare"]] == [("edit", [0, 4], 2)]
     text = (tmp_path / "t" / "results.md").read_text()
     assert "Texture with '*' alone" in text and "Edit with '*' alone" in text and "| [0, 2) | [2, 4) |" in text
+
+
+def test_sweep_staged_gives_ti_and_the_caption_prospects_stage_texts_at_every_split():
+    cfg = _script()["BenchConfig"](references=1, seed=1, sweep=(2, 4), sweep_staged=True, ti_staged=True,
+                                   tasks=("texture",))
+    texture, scene = bm.TASK["texture"], bm.reference_scene(1, 0)
+    text = bm.texts_of(scene, 1, 0)["texture"]
+    keys = [c.key for c in bm.conditions(cfg)]
+    assert keys == ["prospect/texture/0-2", "prospect/texture/0-4", "prospect/texture/0-5", "ti/texture",
+                    "caption/texture", "ti/texture/0-5", "ti/texture/0-2", "caption/texture/0-2", "ti/texture/0-4",
+                    "caption/texture/0-4", "caption/texture/0-5"]  # staged TI at the reported split once
+    # the caption at a split: the reference's own texture word where ProSpect has '*', the text alone elsewhere
+    stages = resolve_editing(bm.Condition("caption", texture, (0, 4)).prompt(scene, text), 10)
+    plain = bm.describe(text)
+    assert stages == [bm.describe(bm.target(scene, texture, text))] * 4 + [plain] * 6
+    assert scene.texture in stages[0].split() and scene.texture not in plain.split()
+    wanted = bm.wanted_of(cfg, 0, texture)
+    good = read(world.render_pil(scene.with_(**{a: wanted[a] for a in ("shape", "colour", "position")}))).as_dict()
+    copy = read(world.render_pil(scene)).as_dict()
+    readings = [{k: [copy, copy] for k in keys}]
+    readings[0].update({"caption/texture/0-4": [good, good], "ti/texture/0-4": [good, copy]})
+    todo = bm.conditions(cfg)
+    summary = bm.summarise(bm.score(readings, cfg, todo), cfg, todo)
+    row = next(r for r in summary["sweep"]["texture"] if r["split"] == [0, 4])
+    assert row["success"] == 0.0 and row["ti_staged"]["success"] == 0.5 and row["caption_staged"]["success"] == 1.0
+    assert row["caption_staged"]["from_reference"] == 1.0
+    md = _script()["markdown"](summary, cfg, 1)
+    assert "TI, same texts: success" in md and "| texture | [0, 4) | 0.00 | 1.00 | 0.00 | 0.50 |" in md
+    assert "| 1.00 | 1.00 | 1.00 |" in md

@@ -170,6 +170,17 @@ def stage_texts(task: TransferTask, text: Mapping[str, str], split: Split, n: in
     return ["*" if bare is not None and alone(i) else composed if lo <= i < hi else plain for i in range(n)]
 
 
+def caption_stage_texts(task: TransferTask, reference: world.Scene, text: Mapping[str, str], split: Split,
+                        n: int = 10) -> list[str]:
+    """The caption under ProSpect's stage schedule: the reference's own words where the composed prompt has '*'
+    (stages [lo, hi)), the text alone elsewhere; what an ideal token could do at this split on this model."""
+    lo, hi = split
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"split {split} must satisfy 0 <= lo <= hi <= {n}")
+    full, plain = describe(target(reference, task, text)), describe(text)
+    return [full if lo <= i < hi else plain for i in range(n)]
+
+
 def editing_prompt(texts: Sequence[str]) -> str:
     """One prompt in A1111 editing syntax that resolves to ``texts`` (index = stage), for batched calls."""
     n = len(texts)
@@ -269,7 +280,8 @@ class Condition:
 
     method: str
     task: TransferTask
-    split: Split | None = None  # TI with a split: its one token under ProSpect's stage texts (prompt editing)
+    split: Split | None = None  # TI with a split: its one token under ProSpect's stage texts (prompt editing);
+    # caption with a split: the reference's words in the split's stages, the text alone elsewhere
     bare: int | None = None  # the placeholder alone in stages >= bare (layout) or < bare of the split (``stage_texts``)
 
     @property
@@ -279,6 +291,8 @@ class Condition:
 
     def prompt(self, scene: world.Scene, text: dict[str, str]) -> str:
         if self.method == "caption":
+            if self.split is not None:
+                return editing_prompt(caption_stage_texts(self.task, scene, text, self.split))
             return describe(target(scene, self.task, text))
         if self.method == "ti" and self.split is None:
             return composed_prompt(self.task, text)
@@ -328,13 +342,25 @@ def staged_ti_conditions(cfg, task: TransferTask) -> list[Condition]:
     return [Condition("ti", task, s) for s in reported_splits(cfg, task)]
 
 
+def sweep_staged_conditions(cfg, task: TransferTask) -> list[Condition]:
+    """With ``cfg.sweep_staged``: at every split of the task's sweep, TI's one token and the caption (the reference's
+    own words, ``caption_stage_texts``) under ProSpect's stage texts: the fair baseline and the model's ceiling of
+    each split."""
+    if not cfg.sweep_staged or not task.from_text:
+        return []
+    splits = sorted(set(sweep_splits(task, cfg.sweep)) | set(reported_splits(cfg, task)))
+    return [Condition(m, task, s) for s in splits for m in ("ti", "caption")]
+
+
 def conditions(cfg) -> list[Condition]:
     out = []
     for task in tasks_of(cfg):
         splits = set(sweep_splits(task, cfg.sweep)) | set(reported_splits(cfg, task))
         out += [Condition("prospect", task, s) for s in sorted(splits)]
         out += [Condition("ti", task), Condition("caption", task)] + staged_ti_conditions(cfg, task)
-    return out + bare_conditions(cfg)
+        out += sweep_staged_conditions(cfg, task)
+    out += bare_conditions(cfg)
+    return list({c.key: c for c in out}.values())  # one of each (staged TI may be asked for twice)
 
 
 def reference_scene(seed: int, r: int) -> world.Scene:
@@ -433,15 +459,22 @@ def summarise(scores: dict, cfg, todo: list[Condition]) -> dict:
                                    attributes={a: float(v.mean()) for a, v in scores[k].items() if a != "success"})
                            for m, k in keys.items()}
         sweep[task.name] = [dict(split=list(by[k].split), default=by[k].split == task.default_split,
-                                 success=float(s["success"].mean()),
-                                 from_reference=float(np.mean([s[a] for a in task.from_reference])),
-                                 from_text=float(np.mean([s[a] for a in task.from_text])) if task.from_text else None)
+                                 **_sweep_cell(s, task),
+                                 **{m: _sweep_cell(scores[key], task) for m, key in
+                                    (("ti_staged", Condition("ti", task, by[k].split).key),
+                                     ("caption_staged", Condition("caption", task, by[k].split).key)) if key in scores})
                             for k, s in scores.items() if k.startswith(f"prospect/{task.name}/") and by[k].bare is None]
     ceiling = {a: float(v.mean()) for a, v in scores.get("caption/reconstruction", {}).items() if a != "success"}
     out = dict(main=main, differences=diffs, sweep=sweep, ceiling=ceiling)
     if bare_conditions(cfg):
         out["bare"] = summarise_bare(scores, cfg)
     return out
+
+
+def _sweep_cell(s: dict[str, np.ndarray], task: TransferTask) -> dict:
+    return dict(success=float(s["success"].mean()),
+                from_reference=float(np.mean([s[a] for a in task.from_reference])),
+                from_text=float(np.mean([s[a] for a in task.from_text])) if task.from_text else None)
 
 
 def summarise_bare(scores: dict, cfg, todo: list[Condition] | None = None) -> list[dict]:
