@@ -23,6 +23,12 @@ def _scores(scene: world.Scene, wanted: dict[str, str]) -> bool:
     return bm.success(read(world.render_pil(scene)), wanted)
 
 
+def _good_and_copy(scene: world.Scene, wanted: dict[str, str], attrs) -> tuple[dict, dict]:
+    """Readings of clean renders: ``scene`` with ``wanted``'s ``attrs`` (the text's), and ``scene`` itself."""
+    good = read(world.render_pil(scene.with_(**{a: wanted[a] for a in attrs}))).as_dict()
+    return good, read(world.render_pil(scene)).as_dict()
+
+
 def test_describe_is_the_world_caption():
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -274,8 +280,7 @@ def test_bare_layout_puts_the_token_alone_first_then_the_composed_prompt_and_ti_
     assert ti.prompt(scene, text) == "a dotted green *"
     # scored on clean renders: ProSpect's bare row right in both images, staged TI in one, TI in none
     wanted = bm.wanted_of(cfg, 0, layout)
-    good = read(world.render_pil(scene.with_(colour=wanted["colour"], texture=wanted["texture"]))).as_dict()
-    copy = read(world.render_pil(scene)).as_dict()
+    good, copy = _good_and_copy(scene, wanted, ("colour", "texture"))
     readings = [{"prospect/layout/5-10": [copy, copy], "prospect/layout/8-10": [copy, copy], "ti/layout": [copy, copy],
                  "caption/layout": [good, good], "prospect/layout/5-10/bare7": [good, good],
                  "ti/layout/5-10/bare7": [good, copy]}]
@@ -304,8 +309,7 @@ def test_bare_below_puts_the_token_alone_last_for_texture_content_and_the_edit_a
     # scored on clean renders: ProSpect's bare row right in both images, staged TI in one, TI in none
     scene = bm.reference_scene(1, 0)
     wanted = bm.wanted_of(cfg, 0, texture)
-    good = read(world.render_pil(scene.with_(**{a: wanted[a] for a in ("shape", "colour", "position")}))).as_dict()
-    copy = read(world.render_pil(scene)).as_dict()
+    good, copy = _good_and_copy(scene, wanted, ("shape", "colour", "position"))
     readings = [{k: [copy, copy] for k in keys}]
     readings[0].update({"caption/texture": [good, good], "prospect/texture/0-4/bare3": [good, good],
                         "ti/texture/0-4/bare3": [good, copy]})
@@ -330,8 +334,7 @@ def test_ti_staged_gives_ti_prospects_stage_texts_at_each_reported_split_and_sco
     assert bm.Condition("ti", texture, (0, 4)).prompt(scene, text) == bm.Condition("prospect", texture, (0, 4)).prompt(
         scene, text)
     wanted = bm.wanted_of(cfg, 0, texture)
-    good = read(world.render_pil(scene.with_(**{a: wanted[a] for a in ("shape", "colour", "position")}))).as_dict()
-    copy = read(world.render_pil(scene)).as_dict()
+    good, copy = _good_and_copy(scene, wanted, ("shape", "colour", "position"))
     readings = [{k: [copy, copy] for k in keys}]
     readings[0].update({"prospect/texture/0-4": [good, good], "ti/texture/0-4": [good, copy]})
     todo = bm.conditions(cfg)
@@ -416,8 +419,7 @@ def test_sweep_staged_gives_ti_and_the_caption_prospects_stage_texts_at_every_sp
     assert stages == [bm.describe(bm.target(scene, texture, text))] * 4 + [plain] * 6
     assert scene.texture in stages[0].split() and scene.texture not in plain.split()
     wanted = bm.wanted_of(cfg, 0, texture)
-    good = read(world.render_pil(scene.with_(**{a: wanted[a] for a in ("shape", "colour", "position")}))).as_dict()
-    copy = read(world.render_pil(scene)).as_dict()
+    good, copy = _good_and_copy(scene, wanted, ("shape", "colour", "position"))
     readings = [{k: [copy, copy] for k in keys}]
     readings[0].update({"caption/texture/0-4": [good, good], "ti/texture/0-4": [good, copy]})
     todo = bm.conditions(cfg)

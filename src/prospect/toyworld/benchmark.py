@@ -174,11 +174,8 @@ def caption_stage_texts(task: TransferTask, reference: world.Scene, text: Mappin
                         n: int = 10) -> list[str]:
     """The caption under ProSpect's stage schedule: the reference's own words where the composed prompt has '*'
     (stages [lo, hi)), the text alone elsewhere; what an ideal token could do at this split on this model."""
-    lo, hi = split
-    if not 0 <= lo <= hi <= n:
-        raise ValueError(f"split {split} must satisfy 0 <= lo <= hi <= {n}")
-    full, plain = describe(target(reference, task, text)), describe(text)
-    return [full if lo <= i < hi else plain for i in range(n)]
+    composed, full = composed_prompt(task, text), describe(target(reference, task, text))
+    return [full if t == composed else t for t in stage_texts(task, text, split, n)]
 
 
 def editing_prompt(texts: Sequence[str]) -> str:
@@ -348,15 +345,18 @@ def sweep_staged_conditions(cfg, task: TransferTask) -> list[Condition]:
     each split."""
     if not cfg.sweep_staged or not task.from_text:
         return []
-    splits = sorted(set(sweep_splits(task, cfg.sweep)) | set(reported_splits(cfg, task)))
-    return [Condition(m, task, s) for s in splits for m in ("ti", "caption")]
+    return [Condition(m, task, s) for s in task_splits(cfg, task) for m in ("ti", "caption")]
+
+
+def task_splits(cfg, task: TransferTask) -> list[Split]:
+    """Every split a task's ProSpect rows are generated at: the sweep's and the reported ones."""
+    return sorted(set(sweep_splits(task, cfg.sweep)) | set(reported_splits(cfg, task)))
 
 
 def conditions(cfg) -> list[Condition]:
     out = []
     for task in tasks_of(cfg):
-        splits = set(sweep_splits(task, cfg.sweep)) | set(reported_splits(cfg, task))
-        out += [Condition("prospect", task, s) for s in sorted(splits)]
+        out += [Condition("prospect", task, s) for s in task_splits(cfg, task)]
         out += [Condition("ti", task), Condition("caption", task)] + staged_ti_conditions(cfg, task)
         out += sweep_staged_conditions(cfg, task)
     out += bare_conditions(cfg)
