@@ -62,6 +62,7 @@ class BenchConfig:
     num_inference_steps: int = 20  # DDIM steps
     guidance_scale: float = 5.0
     sweep: tuple[int, ...] = tuple(range(2, 9))  # split points k of the texture, content and layout sweeps
+    colour_windows: tuple[tuple[int, int], ...] = ()  # the colour sweep's windows [lo, hi); empty = [1, 5), [3, 7), [5, 9)
     n_boot: int = 2000  # bootstrap resamples
     mix_split: int = 5  # mixing: A's tokens in stages >= mix_split (layout), B's below (material)
     edit_split: int = 5  # img2img edit: ProSpect's reported row has '*' in stages < edit_split (the sweep shows all)
@@ -457,6 +458,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, help="inversion batch, both methods (default 10)")
     p.add_argument("--num-inference-steps", type=int, help="DDIM steps (default 20)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale (default 5)")
+    p.add_argument("--colour-windows", help="the colour sweep's windows of '*' stages, LO-HI comma separated, e.g. "
+                   "2-6,3-7,4-8 (default 1-5,3-7,5-9)")
     p.add_argument("--sweep", help="split points k of the sweeps, comma separated (default 2..8; 0..10 adds text-only and all-stage ends)")
     p.add_argument("--seed", type=int, help="seed of everything (default 0)")
     p.add_argument("--mix-split", type=int, help="mixing: A's tokens in stages >= K, B's below (default 5)")
@@ -501,6 +504,14 @@ def main(argv: list[str] | None = None) -> dict:
         unknown = [t for t in given["tasks"] if t not in (*bm.TASK, *OPTIONAL)]
         if unknown:
             p.error(f"--tasks: unknown {', '.join(unknown)}; one of {', '.join((*bm.TASK, *OPTIONAL))}")
+    if "colour_windows" in given:
+        try:
+            given["colour_windows"] = tuple((int(w.split("-")[0]), int(w.split("-")[1]))
+                                            for w in given["colour_windows"].split(","))
+        except (ValueError, IndexError):
+            p.error("--colour-windows takes LO-HI, comma separated, e.g. 2-6,3-7,4-8")
+        if any(not 0 <= lo < hi <= 10 for lo, hi in given["colour_windows"]):
+            p.error("--colour-windows: each window LO-HI with 0 <= LO < HI <= 10")
     if "chosen" in given:
         try:
             given["chosen"] = tuple((t, int(r.split("-")[0]), int(r.split("-")[1]))

@@ -365,6 +365,25 @@ def test_bare_colour_puts_the_token_alone_in_the_end_of_its_window_that_generati
     assert "| [3, 7) | none |" in md  # J = lo: the whole window alone
 
 
+def test_colour_windows_replace_the_colour_sweep_and_keep_the_reported_window():
+    cfg = _script()["BenchConfig"](references=1, seed=1, sweep=(4,), colour_windows=((3, 6), (4, 8)),
+                                   tasks=("colour",), sweep_staged=True)
+    keys = {c.key for c in bm.conditions(cfg) if c.task.name == "colour"}
+    for window in ("3-6", "3-7", "4-8"):  # the given windows and the a-priori one, each with the fair TI and caption
+        assert {f"prospect/colour/{window}", f"ti/colour/{window}", f"caption/colour/{window}"} <= keys
+    assert not any("/1-5" in k or "/5-9" in k for k in keys)
+    assert bm.sweep_splits(bm.TASK["colour"], [4]) == [(1, 5), (3, 7), (5, 9)]  # none given: the fixed windows
+    assert bm.sweep_splits(bm.TASK["texture"], [4], windows=((3, 6),)) == [(0, 4), (0, 5)]  # colour's alone
+
+
+@pytest.mark.parametrize("argv, says", [(["--colour-windows", "3-x"], "takes LO-HI"),
+                                        (["--colour-windows", "6-3"], "0 <= LO < HI <= 10")])
+def test_bad_colour_windows_exit_2_with_the_reason(argv, says, capsys):
+    with pytest.raises(SystemExit) as err:
+        _script()["main"](argv)
+    assert err.value.code == 2 and says in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, says", [(["--tasks", "layout,shine"], "unknown shine"),
                                         (["--bare", "7", "--tasks", "texture"], "must include one of them"),
                                         (["--bare", "10"], "stages in 1..9"), (["--bare", "a"], "integers"),

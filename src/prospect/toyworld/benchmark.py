@@ -93,14 +93,15 @@ EDIT = TransferTask("edit", ("texture",), ("shape", "colour", "position"), (0, 5
 EDIT_STRENGTH = 0.6  # the edit's img2img strength (the demo's): the last 60 % of the steps run
 
 
-def sweep_splits(task: TransferTask, ks: Sequence[int], n: int = 10) -> list[Split]:
-    """The splits of the stage sweep: texture, content and edit '*' in stages < k, layout in stages >= k, colour windows."""
+def sweep_splits(task: TransferTask, ks: Sequence[int], n: int = 10, windows: Sequence[Split] = ()) -> list[Split]:
+    """The splits of the stage sweep: texture, content and edit '*' in stages < k, layout in stages >= k, colour
+    windows (``windows``; none given: every COLOUR_WIDTH-stage window from stage 1 in steps of two)."""
     if task.name in BELOW:
         splits = [(0, k) for k in ks]
     elif task.name == "layout":
         splits = [(k, n) for k in ks]
     elif task.name == "colour":
-        splits = [(lo, lo + COLOUR_WIDTH) for lo in range(1, n - COLOUR_WIDTH + 1, 2)]
+        splits = list(windows) or [(lo, lo + COLOUR_WIDTH) for lo in range(1, n - COLOUR_WIDTH + 1, 2)]
     else:
         splits = []
     splits = [s for s in splits if 0 <= s[0] <= s[1] <= n]
@@ -315,7 +316,7 @@ def bare_conditions(cfg, tasks: Sequence[TransferTask] | None = None) -> list[Co
         if task.name == "layout":
             splits = sorted({((k, 10), j) for j in cfg.bare for k in cfg.sweep if k <= j < 10})
         elif task.name == "colour":  # each window of the sweep [lo, hi) with lo <= J < hi
-            splits = sorted({(w, j) for j in cfg.bare for w in sweep_splits(task, cfg.sweep) if w[0] <= j < w[1]})
+            splits = sorted({(w, j) for j in cfg.bare for w in sweep_splits(task, cfg.sweep, windows=cfg.colour_windows) if w[0] <= j < w[1]})
         elif task.name in BELOW:
             splits = sorted({((0, k), j) for j in cfg.bare_below for k in cfg.sweep if 0 < j <= k})
         else:
@@ -350,7 +351,7 @@ def sweep_staged_conditions(cfg, task: TransferTask) -> list[Condition]:
 
 def task_splits(cfg, task: TransferTask) -> list[Split]:
     """Every split a task's ProSpect rows are generated at: the sweep's and the reported ones."""
-    return sorted(set(sweep_splits(task, cfg.sweep)) | set(reported_splits(cfg, task)))
+    return sorted(set(sweep_splits(task, cfg.sweep, windows=cfg.colour_windows)) | set(reported_splits(cfg, task)))
 
 
 def conditions(cfg) -> list[Condition]:
