@@ -432,6 +432,12 @@ def run(cfg: BenchConfig) -> dict:
 QUICK = dict(references=2, steps=20, seeds=2, num_inference_steps=10, sweep=(2, 5, 8))
 
 
+def stage_range(text: str) -> tuple[int, int]:
+    """'LO-HI' as (LO, HI) (ValueError or IndexError if it is not two integers)."""
+    lo, hi = text.split("-")[:2]
+    return int(lo), int(hi)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="ProSpect vs textual inversion: attribute-transfer benchmark.")
     p.add_argument("--model", default=None, help="model folder or file (default: the embedded toy-world model)")
@@ -506,16 +512,14 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--tasks: unknown {', '.join(unknown)}; one of {', '.join((*bm.TASK, *OPTIONAL))}")
     if "colour_windows" in given:
         try:
-            given["colour_windows"] = tuple((int(w.split("-")[0]), int(w.split("-")[1]))
-                                            for w in given["colour_windows"].split(","))
+            given["colour_windows"] = tuple(stage_range(w) for w in given["colour_windows"].split(","))
         except (ValueError, IndexError):
             p.error("--colour-windows takes LO-HI, comma separated, e.g. 2-6,3-7,4-8")
         if any(not 0 <= lo < hi <= 10 for lo, hi in given["colour_windows"]):
             p.error("--colour-windows: each window LO-HI with 0 <= LO < HI <= 10")
     if "chosen" in given:
         try:
-            given["chosen"] = tuple((t, int(r.split("-")[0]), int(r.split("-")[1]))
-                                    for t, r in (c.split(":") for c in given["chosen"]))
+            given["chosen"] = tuple((t, *stage_range(r)) for t, r in (c.split(":") for c in given["chosen"]))
         except (ValueError, IndexError):
             p.error("--chosen takes TASK:LO-HI, e.g. texture:0-8")
         if any(t not in bm.TASK or not 0 <= lo < hi <= 10 for t, lo, hi in given["chosen"]):
