@@ -57,6 +57,8 @@ class BenchConfig:
     ti_hue_jitter: bool = False  # TI: its one token learns from the reference at random hues (every timestep)
     templates: tuple[str, ...] = ("{}",)  # inversion caption templates, both methods; {texture}, {colour}, {shape},
     # {position}, {background} name the reference's own values (a captioned inversion: the user describes the image)
+    timestep_templates: tuple[str, ...] = ()  # "LO-HI:TEMPLATE", both methods: also captions the samples of training
+    # timestep in [LO, HI) (the same fields as templates); TI's one token sees them at those timesteps too (fair)
     seed: int = 0  # reference scenes, text attributes, inversions and image seeds derive from it
     seeds: int = 4  # images per reference per condition
     num_inference_steps: int = 20  # DDIM steps
@@ -112,7 +114,8 @@ def learn(pp: ProSpectPipeline, scene: world.Scene, num_stages: int, path: Path,
                           stage_choice=cfg.stage_choice,
                           hue_jitter_from=cfg.hue_jitter_from if staged else (0 if cfg.ti_hue_jitter else None),
                           hue_jitter_below=cfg.hue_jitter_below if staged else None,
-                          templates=fill_templates(cfg.templates, scene.attributes()))
+                          templates=fill_templates(cfg.templates, scene.attributes()),
+                          timestep_templates=fill_templates(cfg.timestep_templates, scene.attributes()))
     ckpt = path.with_suffix(".ckpt")
     concept = invert(pp.pipe, [image], inv, checkpoint=ckpt, resume=True, progress=False)
     concept.save(path)
@@ -240,7 +243,9 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
              f"inversion {cfg.steps} steps, lr {cfg.lr}, batch {cfg.batch_size}, initializer '{cfg.initializer}', "
              f"flip p {cfg.flip_p}, {cfg.vectors} vector(s) per stage, {cfg.parameterization} stages, "
              f"stage choice {cfg.stage_choice or 'off'}, hue jitter {_jitter_words(cfg)}, templates "
-             f"{', '.join(repr(t) for t in cfg.templates)}; "
+             f"{', '.join(repr(t) for t in cfg.templates)}"
+             + (f", at timesteps {', '.join(repr(t) for t in cfg.timestep_templates)}" if cfg.timestep_templates else "")
+             + "; "
              f"DDIM {cfg.num_inference_steps}, CFG {cfg.guidance_scale}. 95 % intervals: Wilson over images "
              "(assumes independent images) and bootstrap over references (the one to read).", "",
              "| task | method | success | Wilson 95 % | bootstrap 95 % (refs) | " + " | ".join(world.ATTRIBUTES) + " |",
@@ -384,7 +389,8 @@ def run(cfg: BenchConfig) -> dict:
                   **({"vectors": cfg.vectors} if cfg.vectors != 1 else {}),
                   **({"parameterization": cfg.parameterization} if cfg.parameterization != "free" else {}),
                   **({"stage_choice": cfg.stage_choice} if cfg.stage_choice else {}),
-                  **({"templates": list(cfg.templates)} if tuple(cfg.templates) != ("{}",) else {}))
+                  **({"templates": list(cfg.templates)} if tuple(cfg.templates) != ("{}",) else {}),
+                  **({"timestep_templates": list(cfg.timestep_templates)} if cfg.timestep_templates else {}))
     base = _key(shared)  # ProSpect's hue jitter is its own: TI's concepts are those of the run without it
     ti_key = _key(dict(shared, ti_hue_jitter=True)) if cfg.ti_hue_jitter else base
     jitter = {k: v for k, v in (("hue_jitter_from", cfg.hue_jitter_from), ("hue_jitter_below", cfg.hue_jitter_below))
@@ -460,6 +466,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
                    help="inversion caption template with {}, both methods, repeatable (default '{}'); {texture}, "
                    "{colour}, {shape}, {position}, {background} are the reference's own values (a captioned inversion)")
+    p.add_argument("--template-at", action="append", dest="timestep_templates", metavar="LO-HI:TEMPLATE",
+                   help="a caption template for the inversion samples of training timestep in [LO, HI) only, both "
+                   "methods, repeatable, drawn with the --template ones; the same fields, e.g. "
+                   "'300-700:a {texture} {} {shape} on the {position}' (default: none)")
     p.add_argument("--initializer", help="initializer word(s), both methods (default 'shape')")
     p.add_argument("--batch-size", type=int, help="inversion batch, both methods (default 10)")
     p.add_argument("--num-inference-steps", type=int, help="DDIM steps (default 20)")
@@ -491,14 +501,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("quick",)}
-    if "templates" in given:
-        given["templates"] = tuple(given["templates"])
+    for name, flag in (("templates", "--template"), ("timestep_templates", "--template-at")):
+        if name not in given:
+            continue
+        given[name] = tuple(given[name])
         try:  # the world's fields first; then the inversion's own check of each template's one '{}'
-            check_config(InversionConfig(templates=fill_templates(given["templates"], {a: a for a in world.ATTRIBUTES})))
+            check_config(InversionConfig(**{name: fill_templates(given[name], {a: a for a in world.ATTRIBUTES})}))
         except InversionError as err:
-            p.error(f"--template: {err}")
+            p.error(f"{flag}: {err}")
         except (IndexError, KeyError, ValueError) as err:
-            p.error(f"--template: fields are {{}} and {', '.join('{' + a + '}' for a in world.ATTRIBUTES)} ({err!r})")
+            p.error(f"{flag}: fields are {{}} and {', '.join('{' + a + '}' for a in world.ATTRIBUTES)} ({err!r})")
     for name in ("sweep", "bare", "bare_below"):
         if name in given:
             try:

@@ -242,6 +242,18 @@ def test_captioned_templates_take_the_references_own_words_and_bad_ones_exit_2(c
         assert says in capsys.readouterr().err
 
 
+def test_timestep_templates_take_the_references_own_words_and_bad_ones_exit_2(capsys):
+    script = _script()
+    scene = bm.reference_scene(1, 0)
+    filled = script["fill_templates"](("300-700:a {texture} {} {shape} on the {position}",), scene.attributes())
+    assert filled == (f"300-700:a {scene.texture} {{}} {scene.shape} on the {scene.position}",)
+    for bad, says in (("300-700:a {x} {}", "fields are"), ("300:a {}", "LO-HI:TEMPLATE"), ("3-7:a", "exactly once")):
+        with pytest.raises(SystemExit) as err:
+            script["main"](["--template-at", bad])
+        assert err.value.code == 2
+        assert says in capsys.readouterr().err
+
+
 def test_the_edit_input_is_unlike_the_reference_and_the_edit_scores_its_texture_on_the_input():
     cfg = _script()["BenchConfig"](references=8, seed=1, sweep=(2, 4), edit_split=4)
     for r in range(8):

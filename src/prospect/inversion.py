@@ -29,6 +29,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .captions import all_templates, template_pool, timestep_template
 from .checkpoint import load_checkpoint, save_checkpoint
 from .concept import Concept, add_to_pipeline, check_placeholder, init_embeddings, model_family, text_encoders
 from .data import MAX_SIDE, prepare, rotate_hue, size_conditioning, to_tensor
@@ -89,6 +90,11 @@ class InversionConfig:
                 "weighs the same)"})
     templates: Sequence[str] = field(default=("{}",), metadata={
         "flag": "--template", "action": "append", "help": "caption template with {} (repeatable; default '{}')"})
+    timestep_templates: Sequence[str] = field(default=(), metadata={
+        "flag": "--template-at", "action": "append",
+        "help": "LO-HI:TEMPLATE, a caption template for the samples whose training timestep is in [LO, HI) only, "
+                "drawn with the --template ones (repeatable; SD's stage k of N is [k*1000/N, (k+1)*1000/N)); e.g. "
+                "'300-700:a dotted {} square' lets the middle stages' tokens leave texture and shape to the words"})
     stratified: bool = field(default=True, metadata={
         "flag": "--no-stratified", "invert": True, "help": "draw stages at random instead of covering all"})
     seed: int = field(default=0, metadata={"help": "everything random derives from it"})
@@ -170,6 +176,13 @@ def check_config(cfg: InversionConfig) -> None:
             raise InversionError(f"template {tpl!r} is not a caption with one '{{}}' ({err!r})") from None
         if filled.count("\0") != 1:
             raise InversionError(f"template {tpl!r} must contain '{{}}' exactly once (where the concept token goes)")
+    if isinstance(cfg.timestep_templates, str) or not all(isinstance(t, str) for t in cfg.timestep_templates):
+        raise InversionError(f"timestep_templates must be a list of 'LO-HI:TEMPLATE' strings, got {cfg.timestep_templates!r}")
+    for entry in cfg.timestep_templates:
+        try:
+            timestep_template(entry)
+        except ValueError as err:
+            raise InversionError(str(err)) from None
 
 
 @dataclass
@@ -190,6 +203,8 @@ def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
     for name in ("hue_jitter_from", "hue_jitter_below"):  # off: as before the options
         if settings[name] is None:
             del settings[name]
+    if not settings["timestep_templates"]:  # none: as before the option
+        del settings["timestep_templates"]
     h = hashlib.sha256(json.dumps(settings,
                                   sort_keys=True, default=list).encode())
     for im in images:
@@ -253,6 +268,10 @@ def _draw(step: int, cfg: InversionConfig, num_images: int, stage_map: StageMap,
     if n > 1:  # drawn last, so the draws above are those of a run without hue jitter
         hue = torch.randint(0, n, (b,), generator=gen) * torch.tensor(jittered(cfg))[stages].long()
     d["view"] = d.pop("flip") * n + hue
+    if cfg.timestep_templates:  # drawn after all else, so a run without them draws as before
+        u = torch.rand(b, generator=gen)
+        pools = [template_pool(cfg, int(ti)) for ti in t]
+        d["template"] = torch.tensor([pool[min(int(ui * len(pool)), len(pool) - 1)] for ui, pool in zip(u, pools)])
     return d
 
 
@@ -354,7 +373,13 @@ def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=Non
               for i, (base, ids) in enumerate(zip(bases, token_ids))]
     opt = torch.optim.AdamW([p for layer in layers for p in layer.parts().values()], lr=cfg.lr, weight_decay=0.0)
     mean, std = _cache_latents(pipe, images, cfg, device)
-    captions = {(k, j): tpl.format(concept.prompt_text(k)) for k in range(cfg.num_stages) for j, tpl in enumerate(cfg.templates)}
+    for entry in cfg.timestep_templates:
+        try:
+            timestep_template(entry, sched.config.num_train_timesteps)
+        except ValueError as err:
+            raise InversionError(str(err)) from None
+    captions = {(k, j): tpl.format(concept.prompt_text(k)) for k in range(cfg.num_stages)
+                for j, tpl in enumerate(all_templates(cfg))}
     time_ids = None
     if model_family(pipe) == "sdxl":
         res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from .captions import template_pool
+
 
 def stage_losses(run, samples: int, losses: Callable) -> torch.Tensor:
     """[stage, candidate] mean denoising loss of the reference at each stage's timesteps with each stage's token.
@@ -31,12 +33,13 @@ def stage_losses(run, samples: int, losses: Callable) -> torch.Tensor:
     eps_latent = torch.zeros((samples, *shape), device=run.device)  # the posterior mean: the reference itself
     image = (torch.arange(samples) % run.num_images).to(run.device)
     view = torch.zeros(samples, dtype=torch.long, device=run.device)
-    templates = [i % len(run.cfg.templates) for i in range(samples)]
     out = torch.empty(n, n)
     with torch.no_grad():
         for stage in range(n):
             lo, hi = run.stage_map.bounds(stage)
             t = (lo + (torch.arange(samples) + 0.5) / samples * (hi - lo)).long().to(run.device)  # in [lo, hi)
+            pools = [template_pool(run.cfg, int(ti)) for ti in t]  # the captions this stage's samples saw
+            templates = [pool[i % len(pool)] for i, pool in enumerate(pools)]
             for cand in range(n):
                 keys = [(cand, j) for j in templates]
                 out[stage, cand] = losses(run, image, view, eps_latent, noise, t, keys).float().mean().cpu()
