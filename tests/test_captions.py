@@ -105,3 +105,24 @@ def test_train_takes_template_at_and_a_bad_one_fails_in_one_line(tmp_path, capsy
     message = capsys.readouterr().err.strip()
     assert "LO-HI:TEMPLATE" in message and len(message.splitlines()) == 1
     assert not list(tmp_path.glob("c*"))
+
+
+def test_a_job_list_takes_template_at_as_a_list(tmp_path):
+    import argparse
+    import json
+
+    from prospect.cli import _train_args, config_from
+    from prospect.jobs import read_jobs
+
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"images": "refs", "out": "a.safetensors",
+                                 "template_at": ["300-700:a {} square", "700-1000:a red {}"]},
+                                {"images": "refs", "out": "b.safetensors", "template-at": "0-300:a {} shape"}]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--out")
+    _train_args(parser)
+    args = parser.parse_args(["x", "--out", "y"])
+    (_, a), (_, b) = read_jobs(jobs, args, _train_args)
+    assert config_from(InversionConfig, a).timestep_templates == ("300-700:a {} square", "700-1000:a red {}")
+    assert config_from(InversionConfig, b).timestep_templates == ("0-300:a {} shape",)

@@ -73,7 +73,7 @@ def parse_job(entry, args, parser: argparse.ArgumentParser, defaults: dict) -> a
                              "for all jobs on the command line)")
         given.add(dest)
         flag = "--" + dest.replace("_", "-")
-        values = value if isinstance(value, list) and dest == "template" else [value]
+        values = value if isinstance(value, list) and dest in ("template", "template_at") else [value]  # repeatable
         for v in values:
             if isinstance(v, bool) and defaults[dest] is False:  # an on/off option
                 argv += [flag] if v else []
