@@ -20,13 +20,18 @@ def timestep_template(entry: str, num_train_timesteps: int | None = None) -> tup
     if num_train_timesteps is not None and int(hi) > num_train_timesteps:
         raise ValueError(f"timestep template {entry!r}: HI must be at most the model's {num_train_timesteps} "
                          f"training timesteps")
+    check_template(tpl, f"timestep template {entry!r}")
+    return int(lo), int(hi), tpl
+
+
+def check_template(tpl: str, label: str) -> None:
+    """Refuse a caption template without exactly one ``{}`` (``label`` names it in the message)."""
     try:
         filled = tpl.format("\0")
     except (IndexError, KeyError, ValueError) as err:
-        raise ValueError(f"timestep template {entry!r} is not a caption with one '{{}}' ({err!r})") from None
+        raise ValueError(f"{label} is not a caption with one '{{}}' ({err!r})") from None
     if filled.count("\0") != 1:
-        raise ValueError(f"timestep template {entry!r} must contain '{{}}' exactly once (where the concept token goes)")
-    return int(lo), int(hi), tpl
+        raise ValueError(f"{label} must contain '{{}}' exactly once (where the concept token goes)")
 
 
 def all_templates(cfg) -> list[str]:

@@ -29,7 +29,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .captions import all_templates, template_pool, timestep_template
+from .captions import all_templates, check_template, template_pool, timestep_template
 from .checkpoint import load_checkpoint, save_checkpoint
 from .concept import Concept, add_to_pipeline, check_placeholder, init_embeddings, model_family, text_encoders
 from .data import MAX_SIDE, prepare, rotate_hue, size_conditioning, to_tensor
@@ -169,20 +169,15 @@ def check_config(cfg: InversionConfig) -> None:
         raise InversionError(f"lr must be a finite number in [0, {MAX_LR:g}], got {cfg.lr}")
     if not cfg.templates:
         raise InversionError("give at least one caption template")
-    for tpl in cfg.templates:
-        try:
-            filled = tpl.format("\0")
-        except (IndexError, KeyError, ValueError) as err:
-            raise InversionError(f"template {tpl!r} is not a caption with one '{{}}' ({err!r})") from None
-        if filled.count("\0") != 1:
-            raise InversionError(f"template {tpl!r} must contain '{{}}' exactly once (where the concept token goes)")
     if isinstance(cfg.timestep_templates, str) or not all(isinstance(t, str) for t in cfg.timestep_templates):
         raise InversionError(f"timestep_templates must be a list of 'LO-HI:TEMPLATE' strings, got {cfg.timestep_templates!r}")
-    for entry in cfg.timestep_templates:
-        try:
+    try:
+        for tpl in cfg.templates:
+            check_template(tpl, f"template {tpl!r}")
+        for entry in cfg.timestep_templates:
             timestep_template(entry)
-        except ValueError as err:
-            raise InversionError(str(err)) from None
+    except ValueError as err:
+        raise InversionError(str(err)) from None
 
 
 @dataclass
