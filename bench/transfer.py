@@ -59,6 +59,8 @@ class BenchConfig:
     # {position}, {background} name the reference's own values (a captioned inversion: the user describes the image)
     timestep_templates: tuple[str, ...] = ()  # "LO-HI:TEMPLATE", both methods: also captions the samples of training
     # timestep in [LO, HI) (the same fields as templates); TI's one token sees them at those timesteps too (fair)
+    shuffle_at: str | None = None  # "LO-HI", both methods: the inversion samples of training timestep in [LO, HI) see
+    # the reference's patches in a random order (no shape, no layout); TI's one token sees them at those timesteps too
     seed: int = 0  # reference scenes, text attributes, inversions and image seeds derive from it
     seeds: int = 4  # images per reference per condition
     num_inference_steps: int = 20  # DDIM steps
@@ -115,7 +117,8 @@ def learn(pp: ProSpectPipeline, scene: world.Scene, num_stages: int, path: Path,
                           hue_jitter_from=cfg.hue_jitter_from if staged else (0 if cfg.ti_hue_jitter else None),
                           hue_jitter_below=cfg.hue_jitter_below if staged else None,
                           templates=fill_templates(cfg.templates, scene.attributes()),
-                          timestep_templates=fill_templates(cfg.timestep_templates, scene.attributes()))
+                          timestep_templates=fill_templates(cfg.timestep_templates, scene.attributes()),
+                          shuffle_at=cfg.shuffle_at)
     ckpt = path.with_suffix(".ckpt")
     concept = invert(pp.pipe, [image], inv, checkpoint=ckpt, resume=True, progress=False)
     concept.save(path)
@@ -245,6 +248,7 @@ def markdown(summary: dict, cfg: BenchConfig, n_refs: int) -> str:
              f"stage choice {cfg.stage_choice or 'off'}, hue jitter {_jitter_words(cfg)}, templates "
              f"{', '.join(repr(t) for t in cfg.templates)}"
              + (f", at timesteps {', '.join(repr(t) for t in cfg.timestep_templates)}" if cfg.timestep_templates else "")
+             + (f", patches shuffled at timesteps {cfg.shuffle_at}" if cfg.shuffle_at else "")
              + "; "
              f"DDIM {cfg.num_inference_steps}, CFG {cfg.guidance_scale}. 95 % intervals: Wilson over images "
              "(assumes independent images) and bootstrap over references (the one to read).", "",
@@ -390,7 +394,8 @@ def run(cfg: BenchConfig) -> dict:
                   **({"parameterization": cfg.parameterization} if cfg.parameterization != "free" else {}),
                   **({"stage_choice": cfg.stage_choice} if cfg.stage_choice else {}),
                   **({"templates": list(cfg.templates)} if tuple(cfg.templates) != ("{}",) else {}),
-                  **({"timestep_templates": list(cfg.timestep_templates)} if cfg.timestep_templates else {}))
+                  **({"timestep_templates": list(cfg.timestep_templates)} if cfg.timestep_templates else {}),
+                  **({"shuffle_at": cfg.shuffle_at} if cfg.shuffle_at else {}))
     base = _key(shared)  # ProSpect's hue jitter is its own: TI's concepts are those of the run without it
     ti_key = _key(dict(shared, ti_hue_jitter=True)) if cfg.ti_hue_jitter else base
     jitter = {k: v for k, v in (("hue_jitter_from", cfg.hue_jitter_from), ("hue_jitter_below", cfg.hue_jitter_below))
@@ -470,6 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="a caption template for the inversion samples of training timestep in [LO, HI) only, both "
                    "methods, repeatable, drawn with the --template ones; the same fields, e.g. "
                    "'300-700:a {texture} {} {shape} on the {position}' (default: none)")
+    p.add_argument("--shuffle-at", metavar="LO-HI", help="both methods: the inversion samples of training timestep "
+                   "in [LO, HI) see the reference's 4x4 patches in a random order (default: off)")
     p.add_argument("--initializer", help="initializer word(s), both methods (default 'shape')")
     p.add_argument("--batch-size", type=int, help="inversion batch, both methods (default 10)")
     p.add_argument("--num-inference-steps", type=int, help="DDIM steps (default 20)")
@@ -544,6 +551,11 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--hue-jitter-from must be a stage in 0..9")
     if cfg.hue_jitter_below is not None and not 1 <= cfg.hue_jitter_below <= 10:
         p.error("--hue-jitter-below must be a stage count in 1..10")
+    if cfg.shuffle_at is not None:
+        try:
+            check_config(InversionConfig(shuffle_at=cfg.shuffle_at))
+        except InversionError as err:
+            p.error(str(err).replace("shuffle_at", "--shuffle-at", 1))
     if not 1 <= cfg.edit_split <= 10:
         p.error("--edit-split must lie in 1..10")
     if any(not 0 <= k <= 10 for k in cfg.sweep):

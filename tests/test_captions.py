@@ -74,7 +74,7 @@ def test_none_keeps_the_fingerprint_of_runs_made_before_the_option():
     settings = {k: v for k, v in asdict(CFG).items() if k not in ("steps", "checkpoint_every", "stage_choice",
                                                                    "snr_gamma", "ti_warmup", "smoothness",
                                                                    "hue_jitter_from", "hue_jitter_below",
-                                                                   "timestep_templates")}
+                                                                   "timestep_templates", "shuffle_at")}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode())
     h.update(_image().tobytes())
     assert _fingerprint([_image()], CFG) == h.hexdigest()[:16]  # the settings as they were before the option

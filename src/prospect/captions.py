@@ -9,19 +9,24 @@ teach the tokens of those timesteps to leave it to the words (docs/inversion-fid
 
 from __future__ import annotations
 
+from .stages import timestep_span
+
 
 def timestep_template(entry: str, num_train_timesteps: int | None = None) -> tuple[int, int, str]:
     """``"LO-HI:TEMPLATE"`` as (LO, HI, TEMPLATE): TEMPLATE captions the samples of training timestep in [LO, HI)."""
     span, sep, tpl = entry.partition(":")
-    lo, dash, hi = span.partition("-")
-    if not sep or not dash or not lo.strip().isdigit() or not hi.strip().isdigit() or int(lo) >= int(hi):
+    try:
+        lo, hi = timestep_span(span)
+    except ValueError:
+        sep = ""
+    if not sep:
         raise ValueError(f"timestep template {entry!r} must be LO-HI:TEMPLATE with timesteps LO < HI, "
                          f"e.g. '300-700:a dotted {{}} square'")
-    if num_train_timesteps is not None and int(hi) > num_train_timesteps:
+    if num_train_timesteps is not None and hi > num_train_timesteps:
         raise ValueError(f"timestep template {entry!r}: HI must be at most the model's {num_train_timesteps} "
                          f"training timesteps")
     check_template(tpl, f"timestep template {entry!r}")
-    return int(lo), int(hi), tpl
+    return lo, hi, tpl
 
 
 def check_template(tpl: str, label: str) -> None:

@@ -122,3 +122,14 @@ def rotate_hue(pixels: torch.Tensor, degrees: float) -> torch.Tensor:
     rot = math.cos(theta) * torch.eye(3, dtype=pixels.dtype) + math.sin(theta) * cross \
         + (1 - math.cos(theta)) * torch.outer(k, k)
     return torch.einsum("ij,...jhw->...ihw", rot, pixels).clamp(-1.0, 1.0)
+
+
+def shuffle_patches(pixels: torch.Tensor, order: torch.Tensor, grid: int) -> torch.Tensor:
+    """Pixels [..., 3, H, W] cut into a ``grid`` x ``grid`` array of patches, put back in ``order`` (a permutation
+    of the grid * grid patches, row-major): the colours and the textures inside a patch stay, the shape and the
+    layout across patches do not. H and W must be multiples of ``grid``."""
+    *lead, c, h, w = pixels.shape
+    ph, pw = h // grid, w // grid
+    patches = pixels.reshape(*lead, c, grid, ph, grid, pw).movedim(-3, -2).flatten(-4, -3)  # [..., c, g*g, ph, pw]
+    patches = patches[..., order, :, :].unflatten(-3, (grid, grid)).movedim(-2, -3)
+    return patches.reshape(*lead, c, h, w)

@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 from .captions import all_templates, check_template, template_pool, timestep_template
 from .checkpoint import load_checkpoint, save_checkpoint
 from .concept import Concept, add_to_pipeline, check_placeholder, init_embeddings, model_family, text_encoders
-from .data import MAX_SIDE, prepare, rotate_hue, size_conditioning, to_tensor
+from .data import MAX_SIDE, prepare, rotate_hue, shuffle_patches, size_conditioning, to_tensor
 from .loading import fingerprint as model_fingerprint, model_name
 from . import stage_choice
-from .stages import StageMap
+from .stages import StageMap, timestep_span
 from .token_rows import ConceptRows, StageMapper, roughness
 
 
@@ -85,6 +85,10 @@ class InversionConfig:
     hue_jitter_below: int | None = field(default=None, metadata={
         "help": "stages < this (the last denoising steps) see each reference at a random hue, so their tokens learn "
                 "texture and material but not colour; combines with --hue-jitter-from (default: off)"})
+    shuffle_at: str | None = field(default=None, metadata={
+        "help": "LO-HI: the samples of training timestep in [LO, HI) see each reference cut into a 4x4 grid of "
+                "patches put back in a random order, so the tokens of those timesteps learn its colours and "
+                "textures but not its shape or layout, which the text then decides (default: off)"})
     snr_gamma: float = field(default=0.0, metadata={
         "help": "min-SNR loss weighting with this gamma (Hang et al. 2023; 5 is usual; 0 = off, every timestep "
                 "weighs the same)"})
@@ -111,6 +115,7 @@ MAX_LR = 10.0  # textual inversion uses about 5e-3; far above this the embedding
 LIMITS = {"steps": 10_000_000, "batch_size": 4096, "num_stages": 1000, "vectors_per_stage": 75}
 MAX_CHOICE_SAMPLES = 4096  # stage_choice: one model call holds this many samples
 HUES = 6  # hue_jitter_from: the reference is seen turned by 0, 60, ..., 300 degrees, each as likely
+SHUFFLES, GRID = 8, 4  # shuffle_at: the reference is seen in one of 8 fixed orders of its 4x4 patches, each as likely
 _WHY = {"vectors_per_stage": " (a stage's tokens must fit CLIP's 77-token prompt)"}
 
 
@@ -167,6 +172,13 @@ def check_config(cfg: InversionConfig) -> None:
             raise InversionError(f"{name} must be a finite number >= 0 (0 = off), got {getattr(cfg, name)}")
     if not 0 <= cfg.lr <= MAX_LR:  # also catches NaN; torch's optimisers overflow on lr > 3.4e38
         raise InversionError(f"lr must be a finite number in [0, {MAX_LR:g}], got {cfg.lr}")
+    if cfg.shuffle_at is not None:
+        try:
+            if not isinstance(cfg.shuffle_at, str):
+                raise ValueError(f"must be a string LO-HI or None (off), got {cfg.shuffle_at!r}")
+            timestep_span(cfg.shuffle_at)
+        except ValueError as err:
+            raise InversionError(f"shuffle_at: {err}") from None
     if not cfg.templates:
         raise InversionError("give at least one caption template")
     if isinstance(cfg.timestep_templates, str) or not all(isinstance(t, str) for t in cfg.timestep_templates):
@@ -200,6 +212,8 @@ def _fingerprint(images: list[Image.Image], cfg: InversionConfig) -> str:
             del settings[name]
     if not settings["timestep_templates"]:  # none: as before the option
         del settings["timestep_templates"]
+    if settings["shuffle_at"] is None:  # off: as before the option
+        del settings["shuffle_at"]
     h = hashlib.sha256(json.dumps(settings,
                                   sort_keys=True, default=list).encode())
     for im in images:
@@ -219,15 +233,43 @@ def hues(cfg: InversionConfig) -> int:
     return HUES if any(jittered(cfg)) else 1
 
 
+def shuffled(cfg: InversionConfig, stage_map: StageMap) -> list[bool]:
+    """Per stage, whether it sees the references in shuffled patches (its middle timestep in ``shuffle_at``)."""
+    if cfg.shuffle_at is None:
+        return [False] * cfg.num_stages
+    lo, hi = timestep_span(cfg.shuffle_at)
+    return [lo <= sum(stage_map.bounds(k)) / 2 < hi for k in range(cfg.num_stages)]
+
+
+def shuffles(cfg: InversionConfig) -> int:
+    """How many patch orders each reference is seen in: 1 (its own) + ``SHUFFLES`` with ``shuffle_at``, else 1."""
+    return 1 if cfg.shuffle_at is None else 1 + SHUFFLES
+
+
+def patch_orders(cfg: InversionConfig) -> torch.Tensor:
+    """[shuffles, GRID * GRID]: the identity, then ``SHUFFLES`` random orders of the patches, from the seed alone."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 424_243)
+    return torch.stack([torch.arange(GRID * GRID)] + [torch.randperm(GRID * GRID, generator=gen)
+                                                       for _ in range(shuffles(cfg) - 1)])
+
+
 @torch.no_grad()
 def _cache_latents(pipe, images: list[Image.Image], cfg: InversionConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every view of every image, computed once: [I, V, C, h, w] each. View
-    ``flip * H + h`` is the image (mirrored where ``flip``) turned by hue ``h * 360 / H`` degrees, H = ``hues``."""
+    ``(flip * H + h) * S + s`` is the image (mirrored where ``flip``) turned by hue ``h * 360 / H`` degrees, H =
+    ``hues``, its patches in order ``s`` of ``patch_orders`` (S = ``shuffles``; order 0 is the image's own)."""
     res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels = to_tensor([prepare(im, res, cfg.crop) for im in images])
+    if cfg.shuffle_at is not None and res % GRID:
+        raise InversionError(f"shuffle_at cuts the image into a {GRID}x{GRID} grid: the training size {res} must be "
+                             f"a multiple of {GRID}")
     pixels = torch.stack([pixels, pixels.flip(-1)], dim=1)  # [I, 2, 3, H, W]
     n = hues(cfg)
-    pixels = torch.stack([rotate_hue(pixels, h * 360 / n) if h else pixels for h in range(n)], dim=2).flatten(0, 2)
+    pixels = torch.stack([rotate_hue(pixels, h * 360 / n) if h else pixels for h in range(n)], dim=2)
+    orders = patch_orders(cfg)
+    pixels = torch.stack([shuffle_patches(pixels, o, GRID) if s else pixels for s, o in enumerate(orders)], dim=3)
+    n *= len(orders)
+    pixels = pixels.flatten(0, 3)
     vae = pipe.vae
     means, stds = [], []
     for chunk in pixels.split(8):  # the VAE's activations of a few images at a time
@@ -267,6 +309,10 @@ def _draw(step: int, cfg: InversionConfig, num_images: int, stage_map: StageMap,
         u = torch.rand(b, generator=gen)
         pools = [template_pool(cfg, int(ti)) for ti in t]
         d["template"] = torch.tensor([pool[min(int(ui * len(pool)), len(pool) - 1)] for ui, pool in zip(u, pools)])
+    if cfg.shuffle_at is not None:  # drawn after all else, so a run without it draws as before
+        lo, hi = timestep_span(cfg.shuffle_at)
+        inside = ((t >= lo) & (t < hi)).long()
+        d["view"] = d["view"] * shuffles(cfg) + torch.randint(1, shuffles(cfg), (b,), generator=gen) * inside
     return d
 
 
@@ -368,11 +414,16 @@ def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=Non
               for i, (base, ids) in enumerate(zip(bases, token_ids))]
     opt = torch.optim.AdamW([p for layer in layers for p in layer.parts().values()], lr=cfg.lr, weight_decay=0.0)
     mean, std = _cache_latents(pipe, images, cfg, device)
-    for entry in cfg.timestep_templates:
-        try:
+    try:
+        for entry in cfg.timestep_templates:
             timestep_template(entry, sched.config.num_train_timesteps)
-        except ValueError as err:
-            raise InversionError(str(err)) from None
+    except ValueError as err:
+        raise InversionError(str(err)) from None
+    try:
+        if cfg.shuffle_at is not None:
+            timestep_span(cfg.shuffle_at, sched.config.num_train_timesteps)
+    except ValueError as err:
+        raise InversionError(f"shuffle_at: {err}") from None
     captions = {(k, j): tpl.format(concept.prompt_text(k)) for k in range(cfg.num_stages)
                 for j, tpl in enumerate(all_templates(cfg))}
     time_ids = None
@@ -522,7 +573,8 @@ def invert(
                 _validate(validate, done, run)
         learned = run.learned()
         if cfg.stage_choice and cfg.num_stages > 1:  # each stage keeps the token that denoises best there
-            groups = [int(j) for j in jittered(cfg)] if hues(cfg) > 1 else None
+            groups = [int(j) + 2 * int(s) for j, s in zip(jittered(cfg), shuffled(cfg, run.stage_map))]
+            groups = groups if len(set(groups)) > 1 else None
             choice = stage_choice.choose(stage_choice.stage_losses(run, cfg.stage_choice, sample_losses), groups)
             tables = stage_choice.apply(learned.tables, choice)
             learned = replace(learned, embeddings=tables[0], embeddings_2=tables[1] if len(tables) > 1 else None)

@@ -23,7 +23,7 @@ from fractions import Fraction
 from numbers import Integral, Real
 from typing import Any, Iterable
 
-__all__ = ["StageMap", "stage_bounds", "stage_of", "stages_of"]
+__all__ = ["StageMap", "stage_bounds", "stage_of", "stages_of", "timestep_span"]
 
 
 def _check_config(num_stages: Any, num_train_timesteps: Any) -> None:
@@ -110,3 +110,13 @@ class StageMap:
     def stages(self, timesteps: Iterable[Any]) -> list[int]:
         """Stage index of each timestep."""
         return stages_of(timesteps, self.num_stages, self.num_train_timesteps)
+
+
+def timestep_span(text: str, num_train_timesteps: int | None = None) -> tuple[int, int]:
+    """``"LO-HI"`` as (LO, HI), a span [LO, HI) of training timesteps (SD's stage k of N is [k*T/N, (k+1)*T/N))."""
+    lo, dash, hi = text.partition("-")
+    if not dash or not lo.strip().isdigit() or not hi.strip().isdigit() or int(lo) >= int(hi):
+        raise ValueError(f"{text!r} is not a span LO-HI of timesteps with LO < HI, e.g. '500-700'")
+    if num_train_timesteps is not None and int(hi) > num_train_timesteps:
+        raise ValueError(f"{text!r}: HI must be at most the model's {num_train_timesteps} training timesteps")
+    return int(lo), int(hi)
