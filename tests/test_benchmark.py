@@ -254,6 +254,18 @@ def test_timestep_templates_take_the_references_own_words_and_bad_ones_exit_2(ca
         assert says in capsys.readouterr().err
 
 
+def test_shuffle_at_reaches_the_run_and_a_bad_span_exits_2(capsys):
+    main = _script()["main"]
+    main.__globals__["run"] = lambda cfg: cfg  # what the run would get
+    assert main(["--shuffle-at", "500-700", "--quick"]).shuffle_at == "500-700"
+    assert main(["--quick"]).shuffle_at is None
+    for bad in ("700-500", "5", "0-1001x"):
+        with pytest.raises(SystemExit) as err:
+            main(["--shuffle-at", bad])
+        assert err.value.code == 2
+        assert "--shuffle-at" in capsys.readouterr().err
+
+
 def test_the_edit_input_is_unlike_the_reference_and_the_edit_scores_its_texture_on_the_input():
     cfg = _script()["BenchConfig"](references=8, seed=1, sweep=(2, 4), edit_split=4)
     for r in range(8):
