@@ -413,7 +413,6 @@ def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=Non
     layers = [ConceptRows(base, ids, concept.rows(i).to(device), coupled, mappers[i]).to(device)
               for i, (base, ids) in enumerate(zip(bases, token_ids))]
     opt = torch.optim.AdamW([p for layer in layers for p in layer.parts().values()], lr=cfg.lr, weight_decay=0.0)
-    mean, std = _cache_latents(pipe, images, cfg, device)
     try:
         for entry in cfg.timestep_templates:
             timestep_template(entry, sched.config.num_train_timesteps)
@@ -424,6 +423,7 @@ def setup(pipe, images: list[Image.Image], cfg: InversionConfig, accelerator=Non
             timestep_span(cfg.shuffle_at, sched.config.num_train_timesteps)
     except ValueError as err:
         raise InversionError(f"shuffle_at: {err}") from None
+    mean, std = _cache_latents(pipe, images, cfg, device)
     captions = {(k, j): tpl.format(concept.prompt_text(k)) for k in range(cfg.num_stages)
                 for j, tpl in enumerate(all_templates(cfg))}
     time_ids = None
