@@ -179,3 +179,18 @@ def build_tiny_sdxl(tokenizer_dir: Path, seed: int = 0):
 def tiny_sdxl(clip_tokenizer_dir):
     """A fresh in-memory tiny SDXL pipeline."""
     return build_tiny_sdxl(clip_tokenizer_dir)
+
+
+def assert_resumes_exactly(pipe, images, cfg, whole, other, checkpoint: Path) -> None:
+    """An inversion with ``cfg`` (checkpoint_every 2) stopped after 2 steps and resumed gives ``whole``'s tokens, and
+    its checkpoint refuses a run with the settings ``other``."""
+    from dataclasses import replace
+
+    from prospect.distributed import Solo
+    from prospect.inversion import InversionError, invert
+
+    invert(pipe, images, replace(cfg, steps=2), checkpoint=checkpoint, progress=False, accelerator=Solo("cpu"))
+    resumed = invert(pipe, images, cfg, checkpoint=checkpoint, resume=True, progress=False, accelerator=Solo("cpu"))
+    torch.testing.assert_close(resumed.embeddings, whole.embeddings, rtol=0, atol=1e-6)
+    with pytest.raises(InversionError, match="does not match|other|settings"):  # a checkpoint of another run
+        invert(pipe, images, other, checkpoint=checkpoint, resume=True, progress=False, accelerator=Solo("cpu"))

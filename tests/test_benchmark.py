@@ -208,6 +208,14 @@ def _script():
     return runpy.run_path(str(SCRIPT), run_name="bench_transfer")
 
 
+def _exits_2(main, argv, says, capsys):
+    """The script refuses ``argv`` with exit code 2 and a message containing ``says``."""
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert says in capsys.readouterr().err
+
+
 def test_mixing_two_concepts_switches_placeholders_at_the_split_and_scores_a_and_b():
     cfg = _script()["BenchConfig"](references=6, seed=1)
     assert resolve_editing(bm.mix_prompts("prospect"), 10) == ["<b>"] * 5 + ["<a>"] * 5
@@ -236,10 +244,7 @@ def test_captioned_templates_take_the_references_own_words_and_bad_ones_exit_2(c
     assert filled == ("{}", f"a {scene.texture} {scene.colour} {{}}", f"{{}} on the {scene.position}")
     assert all(t.format("*").count("*") == 1 for t in filled)  # still one slot for the concept
     for bad, says in (("a {x} {}", "fields are"), ("a photo", "exactly once"), ("{} {}", "out of range")):
-        with pytest.raises(SystemExit) as err:
-            script["main"](["--template", bad])
-        assert err.value.code == 2
-        assert says in capsys.readouterr().err
+        _exits_2(script["main"], ["--template", bad], says, capsys)
 
 
 def test_timestep_templates_take_the_references_own_words_and_bad_ones_exit_2(capsys):
@@ -248,10 +253,7 @@ def test_timestep_templates_take_the_references_own_words_and_bad_ones_exit_2(ca
     filled = script["fill_templates"](("300-700:a {texture} {} {shape} on the {position}",), scene.attributes())
     assert filled == (f"300-700:a {scene.texture} {{}} {scene.shape} on the {scene.position}",)
     for bad, says in (("300-700:a {x} {}", "fields are"), ("300:a {}", "LO-HI:TEMPLATE"), ("3-7:a", "exactly once")):
-        with pytest.raises(SystemExit) as err:
-            script["main"](["--template-at", bad])
-        assert err.value.code == 2
-        assert says in capsys.readouterr().err
+        _exits_2(script["main"], ["--template-at", bad], says, capsys)
 
 
 def test_shuffle_at_reaches_the_run_and_a_bad_span_exits_2(capsys):
@@ -260,10 +262,7 @@ def test_shuffle_at_reaches_the_run_and_a_bad_span_exits_2(capsys):
     assert main(["--shuffle-at", "500-700", "--quick"]).shuffle_at == "500-700"
     assert main(["--quick"]).shuffle_at is None
     for bad in ("700-500", "5", "0-1001x"):
-        with pytest.raises(SystemExit) as err:
-            main(["--shuffle-at", bad])
-        assert err.value.code == 2
-        assert "--shuffle-at" in capsys.readouterr().err
+        _exits_2(main, ["--shuffle-at", bad], "--shuffle-at", capsys)
 
 
 def test_the_edit_input_is_unlike_the_reference_and_the_edit_scores_its_texture_on_the_input():

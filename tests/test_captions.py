@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from prospect.captions import all_templates, template_pool
+from conftest import assert_resumes_exactly
 from prospect.distributed import Solo
 from prospect.inversion import InversionConfig, InversionError, _draw, _fingerprint, check_config, invert, setup
 from prospect.stages import StageMap
@@ -55,15 +56,7 @@ def test_they_change_what_the_middle_tokens_learn_and_resume_exactly(tiny_pipe, 
     torch.testing.assert_close(middle.embeddings[:3], plain.embeddings[:3])  # stages 0-2, 7-9: the same samples
     torch.testing.assert_close(middle.embeddings[7:], plain.embeddings[7:])
     assert not torch.allclose(middle.embeddings[3:7], plain.embeddings[3:7])
-    cfg = replace(MIDDLE, checkpoint_every=2)
-    invert(tiny_pipe, [_image()], replace(cfg, steps=2), checkpoint=tmp_path / "c.ckpt", progress=False,
-           accelerator=Solo("cpu"))
-    resumed = invert(tiny_pipe, [_image()], cfg, checkpoint=tmp_path / "c.ckpt", resume=True, progress=False,
-                     accelerator=Solo("cpu"))
-    torch.testing.assert_close(resumed.embeddings, middle.embeddings, rtol=0, atol=1e-6)
-    with pytest.raises(InversionError, match="does not match|other|settings"):  # a checkpoint of another run
-        invert(tiny_pipe, [_image()], CFG, checkpoint=tmp_path / "c.ckpt", resume=True, progress=False,
-               accelerator=Solo("cpu"))
+    assert_resumes_exactly(tiny_pipe, [_image()], replace(MIDDLE, checkpoint_every=2), middle, CFG, tmp_path / "c.ckpt")
 
 
 def test_none_keeps_the_fingerprint_of_runs_made_before_the_option():

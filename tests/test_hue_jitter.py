@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from prospect.data import rotate_hue, to_tensor
+from conftest import assert_resumes_exactly
 from prospect.distributed import Solo
 from prospect.inversion import HUES, InversionConfig, InversionError, _draw, _fingerprint, check_config, invert, setup
 from prospect.stages import StageMap
@@ -71,14 +72,7 @@ def test_a_jittered_inversion_learns_differently_keeps_the_choice_in_its_group_a
         assert same and all((j >= 7) == (k >= 7) for j in same), (k, same)
     cfg = replace(CFG, hue_jitter_from=7, steps=4, checkpoint_every=2)
     whole = invert(tiny_pipe, [_image()], cfg, progress=False, accelerator=Solo("cpu"))
-    invert(tiny_pipe, [_image()], replace(cfg, steps=2), checkpoint=tmp_path / "c.ckpt", progress=False,
-           accelerator=Solo("cpu"))
-    resumed = invert(tiny_pipe, [_image()], cfg, checkpoint=tmp_path / "c.ckpt", resume=True, progress=False,
-                     accelerator=Solo("cpu"))
-    torch.testing.assert_close(resumed.embeddings, whole.embeddings, rtol=0, atol=1e-6)
-    with pytest.raises(InversionError, match="does not match|other|settings"):  # a checkpoint of the run without
-        invert(tiny_pipe, [_image()], replace(cfg, hue_jitter_from=None), checkpoint=tmp_path / "c.ckpt", resume=True,
-               progress=False, accelerator=Solo("cpu"))
+    assert_resumes_exactly(tiny_pipe, [_image()], cfg, whole, replace(cfg, hue_jitter_from=None), tmp_path / "c.ckpt")
 
 
 def test_off_keeps_the_fingerprint_of_runs_made_before_the_option():

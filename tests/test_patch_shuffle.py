@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_reference_images
+from conftest import assert_resumes_exactly, write_reference_images
 from prospect.cli import main
 from prospect.concept import Concept
 from prospect.data import shuffle_patches
@@ -80,14 +80,7 @@ def test_a_shuffled_inversion_learns_other_tokens_there_keeps_the_choice_in_its_
         assert same and all((j >= 7) == (k >= 7) for j in same), (k, same)
     cfg = replace(CFG, shuffle_at="700-1000", checkpoint_every=2)
     whole = invert(tiny_pipe, [_image()], cfg, progress=False, accelerator=Solo("cpu"))
-    invert(tiny_pipe, [_image()], replace(cfg, steps=2), checkpoint=tmp_path / "c.ckpt", progress=False,
-           accelerator=Solo("cpu"))
-    resumed = invert(tiny_pipe, [_image()], cfg, checkpoint=tmp_path / "c.ckpt", resume=True, progress=False,
-                     accelerator=Solo("cpu"))
-    torch.testing.assert_close(resumed.embeddings, whole.embeddings, rtol=0, atol=1e-6)
-    with pytest.raises(InversionError, match="does not match|other|settings"):  # a checkpoint of another span
-        invert(tiny_pipe, [_image()], replace(cfg, shuffle_at="600-1000"), checkpoint=tmp_path / "c.ckpt",
-               resume=True, progress=False, accelerator=Solo("cpu"))
+    assert_resumes_exactly(tiny_pipe, [_image()], cfg, whole, replace(cfg, shuffle_at="600-1000"), tmp_path / "c.ckpt")
 
 
 def test_off_keeps_the_fingerprint_of_runs_made_before_the_option():
