@@ -30,7 +30,7 @@ from PIL import Image
 
 from .concept import Concept, add_to_pipeline, check_family, model_family
 from .data import MAX_SIDE
-from .spectrum import build_spectrum
+from .spectrum import SpectrumError, build_spectrum
 from .stage_switch import StageSwitch, denoised_timesteps
 from .stages import StageMap
 
@@ -51,7 +51,9 @@ class GenerationConfig:
                                                            "in [0, 1]"})
     height: int | None = field(default=None, metadata={"help": "image height (default: the model's)"})
     width: int | None = field(default=None, metadata={"help": "image width (default: the model's)"})
-    negative_prompt: str | None = field(default=None, metadata={"help": "what guidance steers away from"})
+    negative_prompt: str | None = field(default=None, metadata={
+        "help": "what guidance steers away from; as the prompt, prompt editing ([from:to:when]) and a placeholder "
+                "(each stage's own token) resolve by stage"})
     eta: float = field(default=0.0, metadata={"help": "DDIM's eta (0 = deterministic)"})
     num_images_per_prompt: int = field(default=1, metadata={"flag": None})  # the CLI has --num-images, --batch-size
 
@@ -193,8 +195,15 @@ class ProSpectPipeline:
         pipeline = pipeline or self.pipe
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         texts = [self.stage_prompts(p, prospect_words, cfg.num_inference_steps) for p in prompts]
+        negative = cfg.negative_prompt
+        if negative is not None:
+            try:
+                negative = self.stage_prompts(negative, None, cfg.num_inference_steps)
+            except SpectrumError as err:
+                raise SpectrumError(f"negative_prompt: {err}") from None
+            negative = negative[0] if len(set(negative)) == 1 else negative  # one text: as a stock call encodes it
         reached = denoised_timesteps(pipeline, cfg.num_inference_steps, strength)
-        return StageSwitch.encode(pipeline, texts, cfg.negative_prompt, self.stage_map,
+        return StageSwitch.encode(pipeline, texts, negative, self.stage_map,
                                   self.stage_map.stages(reached), cfg.num_images_per_prompt, clip_skip)
 
     @torch.no_grad()

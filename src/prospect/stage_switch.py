@@ -48,8 +48,10 @@ class StageSwitch(PipelineCallback):
                  stage_map: StageMap, num_images_per_prompt: int = 1,
                  stage_pooled: dict[int, torch.Tensor] | None = None, negative_pooled: torch.Tensor | None = None):
         """``stage_embeds[k]``: [prompts, L, D] for stage k (the stages the call reaches);
-        ``negative_embeds``: [prompts, L, D], used under classifier-free guidance. SDXL also conditions on
-        a pooled embedding: ``stage_pooled[k]`` / ``negative_pooled``, [prompts, D2], swapped with the rest."""
+        ``negative_embeds``: [prompts, L, D], used under classifier-free guidance, or a dict of them by stage (a
+        negative prompt of its own in each stage). SDXL also conditions on a pooled embedding: ``stage_pooled[k]`` /
+        ``negative_pooled`` (a tensor, or a dict by stage as ``negative_embeds``), [prompts, D2], swapped with the
+        rest."""
         super().__init__()
         self.stage_embeds = stage_embeds
         self.negative_embeds = negative_embeds
@@ -67,33 +69,42 @@ class StageSwitch(PipelineCallback):
 
     @classmethod
     @torch.no_grad()
-    def encode(cls, pipe, stage_texts: Sequence[Sequence[str]], negative_prompt: str | None = None,
+    def encode(cls, pipe, stage_texts: Sequence[Sequence[str]], negative_prompt: str | Sequence[str] | None = None,
                stage_map: StageMap | None = None, stages: Sequence[int] | None = None,
                num_images_per_prompt: int = 1, clip_skip: int | None = None) -> "StageSwitch":
         """Encode each prompt's N stage texts (``stage_texts[p][k]``) with ``pipe``'s text encoder: each
-        distinct text once, in one batch with the negative prompt. ``stages`` limits it to the stages
-        a call reaches."""
+        distinct text once, in one batch with the negative prompt: one text, or N (index = stage) for a
+        negative prompt of each stage. ``stages`` limits it to the stages a call reaches."""
         num_stages = len(stage_texts[0])
         stage_map = stage_map or StageMap(num_stages, pipe.scheduler.config.num_train_timesteps)
         stages = sorted(set(range(num_stages) if stages is None else stages))
-        unique = sorted({texts[k] for texts in stage_texts for k in stages})
+        per_stage = negative_prompt is not None and not isinstance(negative_prompt, str)
+        if per_stage and len(negative_prompt) != num_stages:
+            raise ValueError(f"{len(negative_prompt)} negative stage texts for {num_stages} stages")
+        negatives = [negative_prompt[k] for k in stages] if per_stage else [negative_prompt or ""]
+        # as stock SDXL: no negative prompt means zeros where the model was trained so
+        sdxl = model_family(pipe) == "sdxl"  # both encoders' hidden states, and the pooled embedding
+        zeros = sdxl and negative_prompt is None and pipe.config.get("force_zeros_for_empty_prompt", False)
+        unique = sorted({texts[k] for texts in stage_texts for k in stages} | (set() if zeros else set(negatives)))
         row = {text: i for i, text in enumerate(unique)}
         pick = lambda rows: {k: rows[[row[texts[k]] for texts in stage_texts]] for k in stages}  # noqa: E731
         batch = len(stage_texts)
-        if model_family(pipe) == "sdxl":  # both encoders' hidden states, and the pooled embedding
-            # as stock SDXL: no negative prompt means zeros where the model was trained so
-            zeros = negative_prompt is None and pipe.config.get("force_zeros_for_empty_prompt", False)
-            texts = unique + ([] if zeros else [negative_prompt or ""])
-            embeds, _, pooled, _ = pipe.encode_prompt(texts, device=pipe._execution_device, num_images_per_prompt=1,
+
+        def negative_of(rows: torch.Tensor):
+            if zeros:
+                return torch.zeros_like(rows[:1]).expand(batch, *rows.shape[1:])
+            if per_stage:
+                return {k: rows[[row[negative_prompt[k]]] * batch] for k in stages}
+            return rows[[row[negatives[0]]] * batch]
+
+        if sdxl:
+            embeds, _, pooled, _ = pipe.encode_prompt(unique, device=pipe._execution_device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False, clip_skip=clip_skip)
-            negative = torch.zeros_like(embeds[:1]) if zeros else embeds[-1:]
-            negative_pooled = torch.zeros_like(pooled[:1]) if zeros else pooled[-1:]
-            switch = cls(pick(embeds), negative.expand(batch, -1, -1), stage_map, num_images_per_prompt,
-                         pick(pooled), negative_pooled.expand(batch, -1))
+            switch = cls(pick(embeds), negative_of(embeds), stage_map, num_images_per_prompt, pick(pooled),
+                         negative_of(pooled))
         else:
-            embeds, _ = pipe.encode_prompt(unique + [negative_prompt or ""], pipe._execution_device, 1, False,
-                                           clip_skip=clip_skip)
-            switch = cls(pick(embeds), embeds[-1:].expand(batch, -1, -1), stage_map, num_images_per_prompt)
+            embeds, _ = pipe.encode_prompt(unique, pipe._execution_device, 1, False, clip_skip=clip_skip)
+            switch = cls(pick(embeds), negative_of(embeds), stage_map, num_images_per_prompt)
         switch.stage_texts = [list(texts) for texts in stage_texts]
         return switch
 
@@ -103,10 +114,10 @@ class StageSwitch(PipelineCallback):
         self._current = self.stage_map.stage(denoised_timesteps(pipe, num_inference_steps, strength)[0])
         embeds = {"prompt_embeds": self.stage_embeds[self._check(self._current)]}
         if self.negative_embeds is not None:
-            embeds["negative_prompt_embeds"] = self.negative_embeds
+            embeds["negative_prompt_embeds"] = _of_stage(self.negative_embeds, self._current)
         if self.stage_pooled is not None:
             embeds["pooled_prompt_embeds"] = self.stage_pooled[self._current]
-            embeds["negative_pooled_prompt_embeds"] = self.negative_pooled
+            embeds["negative_pooled_prompt_embeds"] = _of_stage(self.negative_pooled, self._current)
         return embeds
 
     def _check(self, stage: int) -> int:
@@ -121,6 +132,7 @@ class StageSwitch(PipelineCallback):
         if key not in self._cache:
             cond = per_stage[stage].repeat_interleave(self.num_images_per_prompt, dim=0)
             if guided:
+                negative = _of_stage(negative, stage)
                 cond = torch.cat([negative.repeat_interleave(self.num_images_per_prompt, dim=0), cond])
             self._cache[key] = cond
         return self._cache[key]
@@ -148,3 +160,8 @@ class StageSwitch(PipelineCallback):
     @property
     def stages(self) -> list[int]:
         return [k for _, k in self.trace]
+
+
+def _of_stage(negative, stage: int) -> torch.Tensor:
+    """A negative conditioning shared by every stage, or the given stage's own."""
+    return negative[stage] if isinstance(negative, dict) else negative
