@@ -381,13 +381,9 @@ def plot_sweep(summary: dict, path: Path) -> None:
     plots.line_panels(panels, path)
 
 
-def run(cfg: BenchConfig) -> dict:
-    """The whole benchmark: inversions, generation, scoring and the written report."""
-    start = time.time()
-    pp = ProSpectPipeline.from_pretrained(cfg.model)
-    pp.pipe.set_progress_bar_config(disable=True)
-    if pp.num_stages != 10:
-        raise ValueError("the benchmark's splits are written for N = 10 stages")
+def cache_dirs(pp: ProSpectPipeline, cfg: BenchConfig) -> tuple[dict[str, Path], dict[str, str]]:
+    """The run's cache folders (made) and their keys: concepts under a key of the settings that made them, readings
+    under one of the generation's; other scripts that reuse the benchmark's concepts find them here."""
     shared = dict(model=model_fingerprint(pp), steps=cfg.steps, lr=cfg.lr, batch=cfg.batch_size,
                   init=cfg.initializer, seed=cfg.seed, **({"flip_p": cfg.flip_p} if cfg.flip_p != 0.5 else {}),
                   **({"vectors": cfg.vectors} if cfg.vectors != 1 else {}),
@@ -407,6 +403,17 @@ def run(cfg: BenchConfig) -> dict:
             "readings": cfg.out / "readings" / gen_key}
     for p in dirs.values():
         p.mkdir(parents=True, exist_ok=True)
+    return dirs, dict(inversion=inv_key, ti=ti_key, generation=gen_key)
+
+
+def run(cfg: BenchConfig) -> dict:
+    """The whole benchmark: inversions, generation, scoring and the written report."""
+    start = time.time()
+    pp = ProSpectPipeline.from_pretrained(cfg.model)
+    pp.pipe.set_progress_bar_config(disable=True)
+    if pp.num_stages != 10:
+        raise ValueError("the benchmark's splits are written for N = 10 stages")
+    dirs, keys = cache_dirs(pp, cfg)
     todo = bm.conditions(cfg)
     all_readings, seconds = [], {"inversion": 0.0, "generation": 0.0}
     for r in range(cfg.references):
@@ -430,7 +437,7 @@ def run(cfg: BenchConfig) -> dict:
     if all(t in summary["sweep"] for t in SWEPT):
         plot_sweep(summary, cfg.out / "sweep.png")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    result = dict(settings=settings, cache_keys=dict(inversion=inv_key, ti=ti_key, generation=gen_key), seconds=seconds,
+    result = dict(settings=settings, cache_keys=keys, seconds=seconds,
                   references=[asdict(bm.reference_scene(cfg.seed, r)) for r in range(cfg.references)],
                   texts=[bm.texts_of(bm.reference_scene(cfg.seed, r), cfg.seed, r) for r in range(cfg.references)], **summary)
     (cfg.out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")

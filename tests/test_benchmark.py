@@ -472,3 +472,31 @@ def test_sweep_staged_gives_ti_and_the_caption_prospects_stage_texts_at_every_sp
     md = _script()["markdown"](summary, cfg, 1)
     assert "TI, same texts: success" in md and "| texture | [0, 4) | 0.00 | 1.00 | 0.00 | 0.50 |" in md
     assert "| 1.00 | 1.00 | 1.00 |" in md
+
+
+def _negative_twin(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # it imports transfer.py, as when run from the command line
+    return runpy.run_path(str(SCRIPT.parent / "negative_twin.py"), run_name="bench_negative_twin")
+
+
+def test_negative_twin_puts_each_negative_in_the_split_stages_only(monkeypatch):
+    nt = _negative_twin(monkeypatch)
+    texts = bm.stage_texts(bm.TASK["colour"], {"shape": "circle", "texture": "plain", "position": "left"}, (3, 7))
+    want = {"none": "", "twin-context": texts[3].replace("*", nt["TWIN"]), "twin-alone": nt["TWIN"],
+            "stage-9": nt["EARLY"], "shape-word": "a triangle"}
+    assert set(want) == set(nt["VARIANTS"])
+    for variant, inside in want.items():
+        negative = nt["negative_texts"](variant, texts, (3, 7), "triangle")
+        assert negative == [inside if 3 <= k < 7 else "" for k in range(10)]
+        assert resolve_editing(bm.editing_prompt(negative), 10) == negative  # one negative prompt per call
+
+
+@pytest.mark.slow
+def test_negative_twin_quick_run_writes_every_variant(monkeypatch, tmp_path):
+    nt = _negative_twin(monkeypatch)
+    summary = nt["main"](["--quick", "--out", str(tmp_path)])
+    table = (tmp_path / "negative-twin.md").read_text()
+    for task in ("colour", "content"):
+        assert set(summary[task]["rows"]) == {f"{m}/{v}" for m in ("prospect", "ti") for v in nt["VARIANTS"]}
+        assert summary[task]["stronger_ti"] in nt["VARIANTS"]
+    assert table.count("| ProSpect | twin-context |") == 2 and "shape-word (diagnostic)" in table
