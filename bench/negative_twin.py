@@ -103,7 +103,7 @@ def summarise(all_readings: list[dict], cfg: T.BenchConfig) -> dict:
             hits = [bm.hits(bm.Reading(**x), w) for rr, w in zip(all_readings, wanted) for x in rr[key]]
             return {a: float(np.mean([h[a] for h in hits])) for a in hits[0]}
 
-        rows = {f"{m}/{v}": dict(success=bm.rate(grid(f"{m}/{name}/{v}"), cfg.n_boot).rate,
+        rows = {f"{m}/{v}": dict(success=float(np.mean(grid(f"{m}/{name}/{v}"))),
                                  attributes=attrs(f"{m}/{name}/{v}")) for m in METHODS for v in VARIANTS}
         best_ti = max(VARIANTS, key=lambda v: rows[f"ti/{v}"]["success"])
         diffs = {v: bm.paired_difference(grid(f"prospect/{name}/{v}"), grid(f"ti/{name}/{best_ti}"), cfg.n_boot).__dict__

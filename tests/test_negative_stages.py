@@ -28,12 +28,18 @@ def _negatives_seen(spy) -> dict[int, torch.Tensor]:
     return seen
 
 
+def _spied_call(pp: ProSpectPipeline, prompt: str, **kwargs):
+    """``pp``'s guided call with every UNet call recorded: (spy, result)."""
+    spy = UNetSpy(pp.pipe.unet)
+    try:
+        result = pp(prompt, num_inference_steps=STEPS, guidance_scale=5.0, generator=_gen(), **kwargs)
+    finally:
+        spy.handle.remove()
+    return spy, result
+
+
 def test_prompt_editing_in_the_negative_switches_it_at_its_stage(tiny_pipe):
-    pp = ProSpectPipeline(tiny_pipe)
-    spy = UNetSpy(tiny_pipe.unet)
-    pp("*", prospect_words=WORDS, num_inference_steps=STEPS, guidance_scale=5.0, negative_prompt=EDITED,
-       generator=_gen())
-    spy.handle.remove()
+    spy, _ = _spied_call(ProSpectPipeline(tiny_pipe), "*", prospect_words=WORDS, negative_prompt=EDITED)
     wanted = resolve_editing(EDITED, 10)
     assert wanted[9] == "blurry" and wanted[0] == "grainy"
     seen = _negatives_seen(spy)
@@ -46,9 +52,7 @@ def test_prompt_editing_in_the_negative_switches_it_at_its_stage(tiny_pipe):
 def test_a_placeholder_in_the_negative_is_each_stages_own_token(tiny_pipe):
     pp = ProSpectPipeline(tiny_pipe)
     concept = pp.load_concept(_random_concept())
-    spy = UNetSpy(tiny_pipe.unet)
-    result = pp("a photo", num_inference_steps=STEPS, guidance_scale=5.0, negative_prompt="a *", generator=_gen())
-    spy.handle.remove()
+    spy, result = _spied_call(pp, "a photo", negative_prompt="a *")
     seen = _negatives_seen(spy)
     assert len(seen) >= 9
     for k, negative in seen.items():
@@ -68,11 +72,7 @@ def test_one_negative_text_is_the_stock_negative(tiny_pipe):
 
 
 def test_sdxl_swaps_the_pooled_negative_with_its_stage(tiny_sdxl):
-    pp = ProSpectPipeline(tiny_sdxl)
-    spy = UNetSpy(tiny_sdxl.unet)
-    pp("*", prospect_words=WORDS, num_inference_steps=STEPS, guidance_scale=5.0, negative_prompt=EDITED,
-       generator=_gen())
-    spy.handle.remove()
+    spy, _ = _spied_call(ProSpectPipeline(tiny_sdxl), "*", prospect_words=WORDS, negative_prompt=EDITED)
     embeds, _, pooled, _ = tiny_sdxl.encode_prompt(["blurry", "grainy"], device="cpu", num_images_per_prompt=1,
                                                    do_classifier_free_guidance=False)
     text_of = {"blurry": 0, "grainy": 1}
